@@ -1,0 +1,58 @@
+"""FastAPI app factory: settings in, a ready app out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routers import compare, health, images, models, score
+from iqa.db import make_engine, make_sessionmaker, upgrade_database
+from iqa.engines import build_engine
+from iqa.service import IQAService, register_configured_model
+from iqa.settings import Settings, get_settings
+
+DESCRIPTION = """Perceptual image-quality assessment with a vision-language model (EvoQuality).
+
+`POST /v1/score` rates images from 1 (very poor) to 5 (excellent); `POST /v1/compare` says which of two
+images looks better, with a probability. Every image is stored and logged; errors are always
+`{"error": {"type": ..., "message": ...}}`.
+"""
+
+
+async def start_service(settings: Settings, migrate: bool = True) -> IQAService:
+    """Migrate the database, register the configured model and start the engine."""
+    if migrate:
+        await asyncio.to_thread(upgrade_database, settings.database_url or "")
+    db = make_engine(settings.database_url or "")
+    spec = await asyncio.to_thread(register_configured_model, settings, make_sessionmaker(db))
+    engine = build_engine(settings, spec)
+    await engine.start()
+    return IQAService(settings, engine, db)
+
+
+def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
+    """The API; the service (model, database) starts with the app's lifespan."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service = await start_service(settings, migrate)
+        app.state.service = service
+        try:
+            yield
+        finally:
+            await service.engine.close()
+            service.db.dispose()
+
+    app = FastAPI(title="EvoQuality Service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    install_error_handlers(app)
+    for router in (score.router, compare.router, images.router, models.router, health.router):
+        app.include_router(router)
+    body_limit = settings.max_upload_bytes * settings.max_images_per_request + 64 * 1024
+    app.add_middleware(BodySizeLimit, max_bytes=body_limit)
+    return app

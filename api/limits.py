@@ -1,0 +1,59 @@
+"""A body-size limit enforced while the request streams in, before anything is spooled to disk."""
+
+from __future__ import annotations
+
+import contextlib
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_response
+
+
+class BodyTooLarge(Exception):
+    """Raised from `receive` once the body passes the limit; the request is then answered 413."""
+
+
+class BodySizeLimit:
+    """Answer 413 when Content-Length, or the bytes actually received, exceed `max_bytes`.
+
+    The body parser may wrap the error from `receive` into its own response (FastAPI turns it into a
+    400), so whatever the app then starts to send is replaced by the 413.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        received = 0
+        too_large = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    raise BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not too_large:
+                await send(message)
+
+        with contextlib.suppress(BodyTooLarge):
+            await self.app(scope, limited_receive, guarded_send)
+        if too_large:
+            await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body is larger than the limit of {self.max_bytes} bytes"
+        await error_response(413, "too_large", message, {"Connection": "close"})(scope, receive, send)

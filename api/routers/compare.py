@@ -1,0 +1,43 @@
+"""POST /v1/compare: which of two images has the better perceptual quality."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from api.deps import ServiceDep
+from api.routers.score import check_count, read_upload
+from api.schemas import CompareResponse, ModelVersionOut, reasoning_texts
+
+router = APIRouter(prefix="/v1", tags=["compare"])
+
+
+@router.post("/compare", response_model=CompareResponse, summary="Compare the quality of two images")
+async def compare(
+    service: ServiceDep,
+    image_a: Annotated[UploadFile, File(description="The first image.")],
+    image_b: Annotated[UploadFile, File(description="The second image.")],
+    votes: Annotated[
+        int | None,
+        Form(description="Votes to draw (half with each image first); default EVOQ_COMPARE_VOTES."),
+    ] = None,
+    return_reasoning: Annotated[bool, Form(description="Include each vote's reasoning text.")] = False,
+) -> CompareResponse:
+    check_count("votes", votes, 2, service.settings.max_samples)
+    upload_a = await read_upload(image_a, "image_a")
+    upload_b = await read_upload(image_b, "image_b")
+    result = await service.compare(upload_a, upload_b, votes)
+    return CompareResponse(
+        sha256_a=result.sha256_a,
+        sha256_b=result.sha256_b,
+        prob_a_better=result.prob_a_better,
+        winner=result.winner,
+        votes_a=result.votes_a,
+        votes_b=result.votes_b,
+        invalid_votes=result.invalid,
+        votes=result.votes_a + result.votes_b + result.invalid,
+        comparison_id=result.comparison_id,
+        model_version=ModelVersionOut.of(result.model),
+        reasoning=reasoning_texts(result.completions) if return_reasoning else None,
+    )

@@ -1,0 +1,67 @@
+"""POST /v1/score: perceptual quality scores for one or more images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+
+from api.deps import ServiceDep
+from api.schemas import ModelVersionOut, ScoreItem, ScoreResponse, reasoning_texts
+from iqa.service import Upload
+
+router = APIRouter(prefix="/v1", tags=["score"])
+
+
+async def read_upload(file: UploadFile, field: str) -> Upload:
+    """The bytes and declared type of one multipart file."""
+    return Upload(await file.read(), file.filename, file.content_type, field)
+
+
+def check_count(name: str, value: int | None, low: int, high: int) -> None:
+    """422 for a sample or vote count outside [low, high]."""
+    if value is not None and not low <= value <= high:
+        raise HTTPException(422, f"{name}: must be between {low} and {high}; got {value}")
+
+
+@router.post(
+    "/score",
+    response_model=ScoreResponse,
+    response_model_exclude_none=False,
+    summary="Score the perceptual quality of images (1 = very poor, 5 = excellent)",
+)
+async def score(
+    service: ServiceDep,
+    images: Annotated[
+        list[UploadFile],
+        File(description="One or more image files (JPEG, PNG, WebP, BMP, TIFF, GIF); repeat the field."),
+    ],
+    samples: Annotated[
+        int | None, Form(description="Samples per image; default from settings (EVOQ_SCORE_SAMPLES).")
+    ] = None,
+    return_reasoning: Annotated[bool, Form(description="Include each sample's reasoning text.")] = False,
+) -> ScoreResponse:
+    settings = service.settings
+    check_count("samples", samples, 1, settings.max_samples)
+    if len(images) > settings.max_images_per_request:
+        raise HTTPException(
+            422, f"images: at most {settings.max_images_per_request} per request; got {len(images)}"
+        )
+    uploads = [await read_upload(f, "images") for f in images]
+    results = await service.score(uploads, samples)
+    return ScoreResponse(
+        results=[
+            ScoreItem(
+                sha256=r.sha256,
+                score=r.score,
+                std=r.std,
+                valid_samples=r.valid_samples,
+                samples=r.samples,
+                cached=r.cached,
+                prediction_id=r.prediction_id,
+                model_version=ModelVersionOut.of(r.model),
+                reasoning=reasoning_texts(r.completions) if return_reasoning else None,
+            )
+            for r in results
+        ]
+    )

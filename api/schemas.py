@@ -1,0 +1,105 @@
+"""Response models: every field described, so the OpenAPI page documents the API."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+from iqa.engines.base import ModelSpec
+from iqa.prompts import reasoning_of
+
+
+class ModelVersionOut(BaseModel):
+    """The model version that produced an answer."""
+
+    id: int = Field(description="Model version id (database row).")
+    name: str = Field(description="Version name; `demo (untrained)` for the built-in random demo model.")
+    untrained: bool = Field(description="True when the scores come from an untrained model and mean nothing.")
+
+    @classmethod
+    def of(cls, spec: ModelSpec) -> ModelVersionOut:
+        return cls(id=spec.version_id, name=spec.name, untrained=spec.untrained)
+
+
+class ScoreItem(BaseModel):
+    """The score of one uploaded image."""
+
+    sha256: str = Field(description="SHA-256 of the uploaded bytes; the image's id in this service.")
+    score: float | None = Field(
+        description="Mean of the valid samples, in [1, 5]; null when no sample gave a parsable score."
+    )
+    std: float | None = Field(description="Standard deviation of the valid sampled scores.")
+    valid_samples: int = Field(description="Samples whose answer parsed as a score.")
+    samples: int = Field(description="Samples drawn.")
+    cached: bool = Field(description="True when answered from an earlier identical request.")
+    prediction_id: int = Field(description="Id of the logged prediction row.")
+    model_version: ModelVersionOut
+    reasoning: list[str] | None = Field(
+        None, description="The thinking text of each sample, when `return_reasoning` was set."
+    )
+
+
+class ScoreResponse(BaseModel):
+    """Scores for every image of the request, in request order."""
+
+    results: list[ScoreItem]
+
+
+class CompareResponse(BaseModel):
+    """Which of two images looks better, by majority of votes with the order randomised."""
+
+    sha256_a: str = Field(description="SHA-256 of image_a.")
+    sha256_b: str = Field(description="SHA-256 of image_b.")
+    prob_a_better: float | None = Field(
+        description="Share of valid votes for image_a; null when no vote was valid."
+    )
+    winner: str | None = Field(description="`a`, `b`, or null for a tie.")
+    votes_a: int = Field(description="Votes for image_a.")
+    votes_b: int = Field(description="Votes for image_b.")
+    invalid_votes: int = Field(description="Votes whose answer was not 0 or 1.")
+    votes: int = Field(description="Votes drawn (half with each image shown first).")
+    comparison_id: int = Field(description="Id of the logged comparison row.")
+    model_version: ModelVersionOut
+    reasoning: list[str] | None = Field(None, description="The thinking text of each vote, on request.")
+
+
+class PredictionOut(BaseModel):
+    """A logged prediction."""
+
+    id: int
+    score: float | None
+    std: float | None = Field(description="Std of the valid sampled scores.")
+    valid_samples: int
+    samples: int
+    model_version_id: int
+    created_at: datetime
+
+
+class ImageOut(BaseModel):
+    """A stored image's metadata and its recent predictions."""
+
+    sha256: str
+    width: int
+    height: int
+    format: str = Field(description="Decoded file format, e.g. JPEG.")
+    byte_size: int
+    first_seen_at: datetime
+    last_seen_at: datetime
+    times_seen: int = Field(description="How many requests carried these exact bytes.")
+    source: str = Field(description="The endpoint that first received the image.")
+    predictions: list[PredictionOut] = Field(description="Most recent first.")
+
+
+class ModelsResponse(BaseModel):
+    """The version answering requests now."""
+
+    active: ModelVersionOut
+    kind: str = Field(description="base, lora or full.")
+    engine: str = Field(description="`local` or `vllm`.")
+    prompt_profile: str = Field(description="`evoquality` or `visualquality-r1`.")
+
+
+def reasoning_texts(completions: list[str]) -> list[str]:
+    """The thinking of each completion, for `return_reasoning`."""
+    return [reasoning_of(c) for c in completions]

@@ -1,0 +1,132 @@
+"""Database rows the API writes: images seen, predictions (also the result cache) and comparisons."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from iqa.images import DecodedImage
+from iqa.models import Comparison, Image, Prediction, utcnow
+from iqa.scoring import CompareResult, ScoreResult
+
+
+def upsert_image(session: Session, decoded: DecodedImage, storage_key: str, source: str) -> int:
+    """Insert the image, or count one more sighting of it; safe under concurrent requests."""
+    now = utcnow()
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(Image).values(
+        sha256=decoded.sha256,
+        storage_key=storage_key,
+        width=decoded.width,
+        height=decoded.height,
+        format=decoded.format,
+        byte_size=decoded.byte_size,
+        first_seen_at=now,
+        last_seen_at=now,
+        times_seen=1,
+        source=source,
+    )
+    statement = statement.on_conflict_do_update(
+        index_elements=[Image.sha256],
+        set_={"times_seen": Image.times_seen + 1, "last_seen_at": now},
+    ).returning(Image.id)
+    return session.execute(statement).scalar_one()
+
+
+def touch_image(session: Session, image_id: int) -> None:
+    """Count one more sighting of an image already known (a cache hit)."""
+    session.execute(
+        update(Image)
+        .where(Image.id == image_id)
+        .values(times_seen=Image.times_seen + 1, last_seen_at=utcnow())
+    )
+
+
+def cached_prediction(
+    session: Session, sha256: str, model_version_id: int, sampling_key: str
+) -> tuple[Image, Prediction] | None:
+    """The latest prediction for this image, version and sampling, if any."""
+    row = session.execute(
+        select(Image, Prediction)
+        .join(Prediction, Prediction.image_id == Image.id)
+        .where(
+            Image.sha256 == sha256,
+            Prediction.model_version_id == model_version_id,
+            Prediction.sampling_key == sampling_key,
+        )
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(1)
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
+def add_prediction(
+    session: Session,
+    image_id: int,
+    result: ScoreResult,
+    profile: str,
+    sampling_key: str,
+    latency_ms: float,
+) -> Prediction:
+    """Log one scoring, with its raw completions and the version that produced it."""
+    prediction = Prediction(
+        image_id=image_id,
+        model_version_id=result.model.version_id,
+        score=result.score,
+        score_std=result.std,
+        valid_samples=result.valid,
+        samples=result.samples,
+        prompt_profile=profile,
+        sampling_key=sampling_key,
+        latency_ms=latency_ms,
+        completions=result.completions,
+    )
+    session.add(prediction)
+    session.flush()
+    return prediction
+
+
+def add_comparison(
+    session: Session,
+    image_a_id: int,
+    image_b_id: int,
+    result: CompareResult,
+    profile: str,
+    sampling_key: str,
+    latency_ms: float,
+) -> Comparison:
+    """Log one comparison with its vote counts and raw completions."""
+    comparison = Comparison(
+        image_a_id=image_a_id,
+        image_b_id=image_b_id,
+        model_version_id=result.model.version_id,
+        votes_a=result.votes_a,
+        votes_b=result.votes_b,
+        invalid_votes=result.invalid,
+        prob_a_better=result.prob_a_better,
+        prompt_profile=profile,
+        sampling_key=sampling_key,
+        latency_ms=latency_ms,
+        completions=result.completions,
+    )
+    session.add(comparison)
+    session.flush()
+    return comparison
+
+
+def image_with_predictions(
+    session: Session, sha256: str, limit: int = 20
+) -> tuple[Image, list[Prediction]] | None:
+    """An image row and its most recent predictions."""
+    image = session.scalars(select(Image).where(Image.sha256 == sha256)).first()
+    if image is None:
+        return None
+    predictions = session.scalars(
+        select(Prediction)
+        .where(Prediction.image_id == image.id)
+        .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        .limit(limit)
+    ).all()
+    return image, list(predictions)

@@ -1,0 +1,277 @@
+"""The scoring service: intake, storage, logging, result cache and the engine, without any web framework.
+
+One request's flow per image: hash the bytes; answer from the result cache when this image was already
+scored by the active version with the same sampling; else validate and decode, store the original
+bytes (content-addressed), log the image row, run the engine, log the prediction. The image is stored
+and logged before the model runs, so an engine failure loses nothing that was accepted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine as DBEngine
+from sqlalchemy.orm import Session, sessionmaker
+
+from iqa import records, registry
+from iqa.db import check_database, make_engine, make_sessionmaker
+from iqa.demo_model import build_demo_model, is_demo_model
+from iqa.engines.base import Engine, ModelSpec, Sampling
+from iqa.images import DecodedImage, ImageRejected, check_content_type, decode_image
+from iqa.scoring import compare_images, score_image
+from iqa.settings import Settings
+from iqa.store import ImageStore
+
+log = logging.getLogger(__name__)
+
+DEMO_NAME = "demo (untrained)"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file as received."""
+
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+    field: str = "images"
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """The answer for one image of a score request."""
+
+    sha256: str
+    score: float | None
+    std: float | None
+    valid_samples: int
+    samples: int
+    completions: list[str]
+    model: ModelSpec
+    prediction_id: int
+    cached: bool
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class ComparedPair:
+    """The answer for a compare request."""
+
+    sha256_a: str
+    sha256_b: str
+    votes_a: int
+    votes_b: int
+    invalid: int
+    prob_a_better: float | None
+    winner: str | None
+    completions: list[str]
+    model: ModelSpec
+    comparison_id: int
+    latency_ms: float
+
+
+def _where(upload: Upload) -> str:
+    """How an error message names an upload: its field and file name."""
+    return f"{upload.field} ({upload.filename})" if upload.filename else upload.field
+
+
+def configured_model(settings: Settings) -> tuple[str, str, bool]:
+    """(name, path, untrained) of the configured base model; builds the demo model when none is set."""
+    if settings.model is None:
+        folder = settings.demo_model_dir
+        if not is_demo_model(folder):
+            log.warning("no model configured: building the untrained demo model in %s", folder)
+            build_demo_model(folder)
+        return DEMO_NAME, str(folder.resolve()), True
+    untrained = Path(settings.model).is_dir() and is_demo_model(settings.model)
+    return settings.model_name or settings.model, settings.model, untrained
+
+
+class IQAService:
+    """Everything a request needs, built once per process from the settings."""
+
+    def __init__(self, settings: Settings, engine: Engine, db_engine: DBEngine | None = None) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.db = db_engine or make_engine(settings.database_url or "")
+        self.sessions: sessionmaker[Session] = make_sessionmaker(self.db)
+        self.store = ImageStore(Path(settings.image_store or settings.data_dir / "images"))
+
+    # ---- sampling -------------------------------------------------------------------------------
+    def sampling(self, kind: str) -> Sampling:
+        """Sampling settings for `kind` ('score' or 'vote') on the active model."""
+        constrain = self.settings.constrain_answers
+        if constrain is None:
+            constrain = self.engine.active.untrained
+        return Sampling(
+            temperature=self.settings.temperature,
+            top_p=self.settings.top_p,
+            max_new_tokens=self.settings.max_new_tokens,
+            constrain=kind if constrain else None,  # type: ignore[arg-type]
+        )
+
+    def sampling_key(self, n: int, sampling: Sampling) -> str:
+        """The cache key part that says how a result was sampled."""
+        return f"{self.settings.prompt_profile};n={n};{sampling.key()}"
+
+    # ---- intake ---------------------------------------------------------------------------------
+    def _decode(self, upload: Upload) -> DecodedImage:
+        """Validate and decode; a rejection names the field and file it is about."""
+        try:
+            check_content_type(upload.content_type)
+            return decode_image(
+                upload.data,
+                max_bytes=self.settings.max_upload_bytes,
+                max_pixels=self.settings.max_image_pixels,
+                min_side=self.settings.min_image_side,
+            )
+        except ImageRejected as error:
+            raise ImageRejected(error.status, error.code, f"{_where(upload)}: {error.message}") from error
+
+    def _accept(self, decoded: DecodedImage, source: str) -> int:
+        """Store the bytes, then log the row, so a row never points at a missing file."""
+        stored = self.store.put(decoded.data, decoded.sha256)
+        with self.sessions.begin() as session:
+            return records.upsert_image(session, decoded, stored.key, source)
+
+    def _cache_lookup(self, sha256: str, version_id: int, key: str) -> ScoredImage | None:
+        with self.sessions.begin() as session:
+            hit = records.cached_prediction(session, sha256, version_id, key)
+            if hit is None:
+                return None
+            image, prediction = hit
+            records.touch_image(session, image.id)
+            return ScoredImage(
+                sha256=sha256,
+                score=prediction.score,
+                std=prediction.score_std,
+                valid_samples=prediction.valid_samples,
+                samples=prediction.samples,
+                completions=prediction.completions,
+                model=self.engine.active
+                if self.engine.active.version_id == version_id
+                else registry.to_spec(prediction.model_version),
+                prediction_id=prediction.id,
+                cached=True,
+                latency_ms=0.0,
+            )
+
+    # ---- score ----------------------------------------------------------------------------------
+    async def score(self, uploads: list[Upload], samples: int | None = None) -> list[ScoredImage]:
+        """Score every upload; all are validated before any model work starts."""
+        n = samples or self.settings.score_samples
+        sampling = self.sampling("score")
+        key = self.sampling_key(n, sampling)
+        version_id = self.engine.active.version_id
+        results: list[ScoredImage | None] = []
+        to_score: list[tuple[int, DecodedImage]] = []
+        for index, upload in enumerate(uploads):
+            self._check_size(upload)
+            sha = hashlib.sha256(upload.data).hexdigest()
+            hit = await asyncio.to_thread(self._cache_lookup, sha, version_id, key)
+            results.append(hit)
+            if hit is None:
+                to_score.append((index, await asyncio.to_thread(self._decode, upload)))
+        image_ids = [await asyncio.to_thread(self._accept, d, "score") for _, d in to_score]
+        scored = await asyncio.gather(
+            *(
+                self._score_one(image_id, d, n, sampling, key)
+                for image_id, (_, d) in zip(image_ids, to_score, strict=True)
+            )
+        )
+        for (index, _), result in zip(to_score, scored, strict=True):
+            results[index] = result
+        return [r for r in results if r is not None]
+
+    def _check_size(self, upload: Upload) -> None:
+        limit = self.settings.max_upload_bytes
+        if len(upload.data) > limit:
+            message = f"{_where(upload)}: file has {len(upload.data)} bytes; the limit is {limit}"
+            raise ImageRejected(413, "too_large", message)
+
+    async def _score_one(
+        self, image_id: int, decoded: DecodedImage, n: int, sampling: Sampling, key: str
+    ) -> ScoredImage:
+        started = time.perf_counter()
+        result = await score_image(self.engine, decoded.image, n, sampling, self.settings.prompt_profile)
+        latency = (time.perf_counter() - started) * 1000
+
+        def log_prediction() -> int:
+            with self.sessions.begin() as session:
+                row = records.add_prediction(
+                    session, image_id, result, self.settings.prompt_profile, key, latency
+                )
+                return row.id
+
+        prediction_id = await asyncio.to_thread(log_prediction)
+        return ScoredImage(
+            sha256=decoded.sha256,
+            score=result.score,
+            std=result.std,
+            valid_samples=result.valid,
+            samples=result.samples,
+            completions=result.completions,
+            model=result.model,
+            prediction_id=prediction_id,
+            cached=False,
+            latency_ms=latency,
+        )
+
+    # ---- compare --------------------------------------------------------------------------------
+    async def compare(self, upload_a: Upload, upload_b: Upload, votes: int | None = None) -> ComparedPair:
+        """Votes on which of two images is better; both are stored and logged first."""
+        n = votes or self.settings.compare_votes
+        sampling = self.sampling("vote")
+        for upload in (upload_a, upload_b):
+            self._check_size(upload)
+        decoded_a = await asyncio.to_thread(self._decode, upload_a)
+        decoded_b = await asyncio.to_thread(self._decode, upload_b)
+        id_a = await asyncio.to_thread(self._accept, decoded_a, "compare")
+        id_b = await asyncio.to_thread(self._accept, decoded_b, "compare")
+        started = time.perf_counter()
+        result = await compare_images(
+            self.engine, decoded_a.image, decoded_b.image, n, sampling, self.settings.prompt_profile
+        )
+        latency = (time.perf_counter() - started) * 1000
+        key = self.sampling_key(n, sampling)
+
+        def log_comparison() -> int:
+            with self.sessions.begin() as session:
+                row = records.add_comparison(
+                    session, id_a, id_b, result, self.settings.prompt_profile, key, latency
+                )
+                return row.id
+
+        comparison_id = await asyncio.to_thread(log_comparison)
+        return ComparedPair(
+            sha256_a=decoded_a.sha256,
+            sha256_b=decoded_b.sha256,
+            votes_a=result.votes_a,
+            votes_b=result.votes_b,
+            invalid=result.invalid,
+            prob_a_better=result.prob_a_better,
+            winner=result.winner,
+            completions=result.completions,
+            model=result.model,
+            comparison_id=comparison_id,
+            latency_ms=latency,
+        )
+
+    # ---- health ---------------------------------------------------------------------------------
+    async def readiness(self) -> dict:
+        """Database and engine status; raises when either cannot serve."""
+        await asyncio.to_thread(check_database, self.db)
+        engine_status = await self.engine.health()
+        return {"database": "ok", "engine": engine_status}
+
+
+def register_configured_model(settings: Settings, sessions: sessionmaker[Session]) -> ModelSpec:
+    """Make sure the configured base model has a version row; return the version to serve."""
+    name, path, untrained = configured_model(settings)
+    with sessions() as session:
+        return registry.to_spec(registry.ensure_base_version(session, name, path, untrained))

@@ -1,0 +1,83 @@
+"""The one settings object. Every value comes from the environment (prefix `EVOQ_`) or a `.env` file."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PromptProfile = Literal["evoquality", "visualquality-r1"]
+EngineKind = Literal["local", "vllm"]
+
+
+class Settings(BaseSettings):
+    """Service configuration; see the table in README.md."""
+
+    model_config = SettingsConfigDict(env_prefix="EVOQ_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="Folder for the SQLite file, images and models.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file `<data_dir>/evoq.db`."
+    )
+    image_store: Path | None = Field(None, description="Image folder; default `<data_dir>/images`.")
+    model: str | None = Field(
+        None,
+        description="Checkpoint path or hub id (e.g. ByteDance/EvoQuality); unset = tiny demo model.",
+    )
+    model_name: str | None = Field(None, description="Name reported for the model; default: `model`.")
+    engine: EngineKind = Field("local", description="`local` (in-process transformers) or `vllm`.")
+    vllm_url: str = Field("http://127.0.0.1:8001", description="Base URL of the vLLM OpenAI server.")
+    vllm_api_key: SecretStr | None = Field(None, description="API key of the vLLM server, if it has one.")
+    vllm_timeout_s: float = Field(120.0, gt=0, description="Timeout of one vLLM request.")
+    device: str = Field("auto", description="Torch device for the local engine: auto, cpu, cuda.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for the local engine (auto: bf16 on GPU, fp32 on CPU)."
+    )
+    prompt_profile: PromptProfile = Field(
+        "evoquality", description="Answer format: `evoquality` (\\boxed{}) or `visualquality-r1`."
+    )
+    score_samples: int = Field(8, ge=1, le=64, description="Default samples per score.")
+    compare_votes: int = Field(8, ge=2, le=64, description="Default votes per comparison.")
+    max_samples: int = Field(64, ge=1, le=256, description="Largest `samples`/`votes` a client may ask.")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling.")
+    max_new_tokens: int | None = Field(
+        None, ge=8, le=8192, description="Tokens per completion; default: the model's own, else 1024."
+    )
+    constrain_answers: bool | None = Field(
+        None,
+        description="Constrain decoding so every completion ends in a parsable answer; "
+        "default: on for the demo model only.",
+    )
+    model_max_pixels: int = Field(
+        1280 * 28 * 28, ge=28 * 28, description="Images are downscaled to this many pixels for the model."
+    )
+    batch_window_ms: float = Field(5.0, ge=0, le=1000, description="Local engine batching window.")
+    max_batch_rows: int = Field(64, ge=1, description="Most sequences in one local forward batch.")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest upload (413).")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Largest width*height (413).")
+    min_image_side: int = Field(16, ge=1, description="Smallest width or height (422).")
+    max_images_per_request: int = Field(16, ge=1, description="Most `images` in one score request.")
+    admin_token: SecretStr | None = Field(None, description="Bearer token; unset = admin API off.")
+
+    @model_validator(mode="after")
+    def _fill_paths(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.data_dir / 'evoq.db').resolve()}"
+        if self.image_store is None:
+            self.image_store = self.data_dir / "images"
+        return self
+
+    @property
+    def demo_model_dir(self) -> Path:
+        """Where the tiny demo model is built when no model is configured."""
+        return self.data_dir / "models" / "demo"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings read once per process."""
+    return Settings()

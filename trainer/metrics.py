@@ -1,0 +1,73 @@
+"""How good a model's scores are: correlations with MOS, and the label-free checks that gate a round.
+
+Undefined values (constant input, too few items, nothing to count) come back as NaN rather than
+raising, so a report can still be written; a gate comparing NaN against a threshold fails, as it should.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from trainer.voting import PairLabel
+
+
+def correlations(pred: Sequence[float | None], mos: Sequence[float]) -> dict[str, float | int]:
+    """PLCC, SRCC and KRCC between predictions and MOS, over the items where both are finite (n)."""
+    if len(pred) != len(mos):
+        raise ValueError(f"{len(pred)} predictions but {len(mos)} MOS values")
+    kept = [(p, m) for p, m in zip(pred, mos, strict=True) if _finite(p) and _finite(m)]
+    result: dict[str, float | int] = {"plcc": math.nan, "srcc": math.nan, "krcc": math.nan, "n": len(kept)}
+    if len(kept) < 2:
+        return result
+    x, y = np.array(kept, dtype=float).T
+    if np.ptp(x) == 0 or np.ptp(y) == 0:  # correlation undefined; scipy would warn and give NaN
+        return result
+    result["plcc"] = float(stats.pearsonr(x, y).statistic)
+    result["srcc"] = float(stats.spearmanr(x, y).statistic)
+    result["krcc"] = float(stats.kendalltau(x, y).statistic)
+    return result
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def pseudo_label_agreement(scores: Mapping[Hashable, float | None], labels: Sequence[PairLabel]) -> float:
+    """Share of decided held-out pairs whose order the scores reproduce; an equal score counts half.
+
+    Tied labels say nothing about order and are skipped, as are pairs missing a score (those show in
+    the parse-failure rate). NaN when no pair is left.
+    """
+    credit = 0.0
+    counted = 0
+    for label in labels:
+        score_i, score_j = scores.get(label.i), scores.get(label.j)
+        if label.tie or score_i is None or score_j is None:
+            continue
+        counted += 1
+        if score_i == score_j:
+            credit += 0.5
+        elif (score_i > score_j) == (label.votes_i > label.votes_j):
+            credit += 1.0
+    return credit / counted if counted else math.nan
+
+
+def parse_failure_rate(n_invalid: int, n_total: int) -> float:
+    """Share of unparsable completions; NaN when there were none at all."""
+    if not 0 <= n_invalid <= n_total:
+        raise ValueError(f"invalid count {n_invalid} must be between 0 and the total {n_total}")
+    return n_invalid / n_total if n_total else math.nan
+
+
+def score_spread(scores: Mapping[Hashable, float | None]) -> float:
+    """Population std of the per-image mean scores (None left out); near 0 means the model collapsed.
+
+    NaN with fewer than two scored images.
+    """
+    values = [s for s in scores.values() if s is not None]
+    return statistics.pstdev(values) if len(values) >= 2 else math.nan
