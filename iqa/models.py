@@ -15,6 +15,7 @@ from sqlalchemy import (
     Index,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     false,
 )
@@ -172,3 +173,66 @@ class Comparison(Base):
     image_a: Mapped[Image] = relationship(foreign_keys=[image_a_id])
     image_b: Mapped[Image] = relationship(foreign_keys=[image_b_id])
     model_version: Mapped[ModelVersion] = relationship()
+
+
+ROUND_STATES = (
+    "queued",
+    "voting",
+    "training",
+    "evaluating",
+    "swapping",
+    "succeeded",
+    "rejected",
+    "failed",
+    "cancelled",
+)
+ROUND_ACTIVE_STATES = ROUND_STATES[:5]
+
+
+class EvolutionRound(Base):
+    """One EvoQuality round, persisted as a state machine so any process can watch or recover it.
+
+    `lock` is 1 while the round is queued or running and NULL once it ends; its unique constraint
+    makes "one round at a time" a database guarantee that outlives a crashed worker.
+    """
+
+    __tablename__ = "evolution_rounds"
+    __table_args__ = (CheckConstraint(f"state IN {ROUND_STATES!r}", name="state"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued", index=True)
+    lock: Mapped[int | None] = mapped_column(unique=True, default=1)
+    trigger: Mapped[str] = mapped_column(String(16))  # manual, schedule, cli
+    settings: Mapped[dict[str, Any]]
+    progress: Mapped[dict[str, Any] | None]  # {"stage", "done", "total"}
+    parent_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    result_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    metrics: Mapped[dict[str, Any] | None]
+    gate: Mapped[dict[str, Any] | None]  # {"passed": bool, "reasons": [...], "checks": {...}}
+    timings: Mapped[dict[str, Any] | None]  # seconds per stage
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(200))  # host:pid running it
+    cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    parent_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[parent_version_id])
+    result_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[result_version_id])
+
+
+class PseudoLabel(Base):
+    """A voted pair of a round: vote counts and the pseudo-preference p*(a, b)."""
+
+    __tablename__ = "pseudo_labels"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("evolution_rounds.id", ondelete="CASCADE"), index=True)
+    image_a_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    image_b_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    votes_a: Mapped[int]
+    votes_b: Mapped[int]
+    invalid_votes: Mapped[int]
+    p_star: Mapped[float]
+    holdout: Mapped[bool] = mapped_column(default=False, server_default=false())

@@ -26,8 +26,41 @@ from iqa.db import (
 )
 from iqa.models import Base, Comparison, Image, ModelVersion, Prediction
 
+HEAD = "0002"  # the newest migration; bump with each new one
+
 # Column name -> nullable, per table: the schema the application relies on.
 EXPECTED_COLUMNS = {
+    "evolution_rounds": {
+        "id": False,
+        "state": False,
+        "lock": True,
+        "trigger": False,
+        "settings": False,
+        "progress": True,
+        "parent_version_id": True,
+        "result_version_id": True,
+        "metrics": True,
+        "gate": True,
+        "timings": True,
+        "error": True,
+        "worker": True,
+        "cancel_requested": False,
+        "created_at": False,
+        "started_at": True,
+        "heartbeat_at": True,
+        "finished_at": True,
+    },
+    "pseudo_labels": {
+        "id": False,
+        "round_id": False,
+        "image_a_id": False,
+        "image_b_id": False,
+        "votes_a": False,
+        "votes_b": False,
+        "invalid_votes": False,
+        "p_star": False,
+        "holdout": False,
+    },
     "model_versions": {
         "id": False,
         "name": False,
@@ -169,7 +202,7 @@ def test_migration_matches_models(engine: Engine) -> None:
 
 
 def test_current_revision_is_head(database_url: str) -> None:
-    assert current_revision(database_url) == "0001"
+    assert current_revision(database_url) == HEAD
 
 
 def test_upgrade_fresh_sqlite_from_any_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -179,7 +212,7 @@ def test_upgrade_fresh_sqlite_from_any_cwd(tmp_path: Path, monkeypatch: pytest.M
     assert current_revision(url) is None
     upgrade_database(url)
     upgrade_database(url)  # idempotent: the app migrates at every start
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == HEAD
 
 
 def test_downgrade_to_base_then_upgrade_again(database_url: str) -> None:
@@ -189,7 +222,7 @@ def test_downgrade_to_base_then_upgrade_again(database_url: str) -> None:
     try:
         assert set(inspect(engine).get_table_names()) == {"alembic_version"}
         upgrade_database(database_url)
-        assert current_revision(database_url) == "0001"
+        assert current_revision(database_url) == HEAD
         assert set(inspect(engine).get_table_names()) == {*EXPECTED_COLUMNS, "alembic_version"}
     finally:
         engine.dispose()
@@ -209,7 +242,7 @@ def test_alembic_cli_reads_url_from_settings(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "Running upgrade  -> 0001" in result.stderr
-    assert current_revision(url) == "0001"
+    assert current_revision(url) == HEAD
 
 
 def test_rows_round_trip_with_relationships_json_and_utc(engine: Engine) -> None:
