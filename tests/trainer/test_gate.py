@@ -1,0 +1,41 @@
+"""The gate that keeps worse checkpoints from replacing the serving one."""
+
+from __future__ import annotations
+
+import math
+
+from trainer.gate import GateThresholds, judge
+
+ACTIVE = {"agreement": 0.70, "parse_failure_rate": 0.02, "spread": 0.6}
+
+
+def test_a_candidate_as_good_or_better_passes() -> None:
+    verdict = judge(ACTIVE, {"agreement": 0.74, "parse_failure_rate": 0.0, "spread": 0.5}, GateThresholds())
+    assert verdict.passed and verdict.reasons == []
+    assert verdict.checks["agreement"] == {"active": 0.70, "candidate": 0.74}
+
+
+def test_lower_held_out_agreement_is_rejected_unless_within_tolerance() -> None:
+    worse = {"agreement": 0.65, "parse_failure_rate": 0.0, "spread": 0.5}
+    verdict = judge(ACTIVE, worse, GateThresholds())
+    assert not verdict.passed and verdict.reasons == ["held-out agreement fell from 0.700 to 0.650"]
+    assert judge(ACTIVE, worse, GateThresholds(agreement_tolerance=0.1)).passed
+
+
+def test_a_collapsed_model_is_rejected() -> None:
+    """Same score for every image: spread 0, even with perfect parsing."""
+    verdict = judge(ACTIVE, {"agreement": 0.7, "parse_failure_rate": 0.0, "spread": 0.0}, GateThresholds())
+    assert not verdict.passed and "collapsed" in verdict.reasons[0]
+
+
+def test_unparsable_answers_are_rejected() -> None:
+    candidate = {"agreement": math.nan, "parse_failure_rate": 1.0, "spread": math.nan}
+    verdict = judge(ACTIVE, candidate, GateThresholds())
+    assert not verdict.passed and len(verdict.reasons) == 3
+
+
+def test_validation_srcc_must_not_drop_when_configured() -> None:
+    good = {"agreement": 0.7, "parse_failure_rate": 0.0, "spread": 0.5}
+    assert judge({**ACTIVE, "srcc": 0.5}, {**good, "srcc": 0.55}, GateThresholds()).passed
+    verdict = judge({**ACTIVE, "srcc": 0.5}, {**good, "srcc": 0.4}, GateThresholds())
+    assert verdict.reasons == ["validation SRCC fell from 0.500 to 0.400"]

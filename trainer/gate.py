@@ -1,0 +1,76 @@
+"""The gate a new checkpoint must pass before it may replace the serving one.
+
+Without labels a round is judged on what it can measure (see the spec's Evaluation section): agreement
+with held-out pseudo-labels (pairs voted but kept out of training) must not drop, answers must stay
+parsable, and scores must keep their spread across images (a model that gives every image the same
+score has collapsed). With a labelled validation set configured, SRCC on it must not drop either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """How much worse than the active model a candidate may look on each check."""
+
+    agreement_tolerance: float = 0.0  # candidate agreement >= active agreement - tolerance
+    max_parse_failure: float = 0.10
+    min_spread: float = 0.05  # std of per-image mean scores, on the 1-5 scale
+    srcc_tolerance: float = 0.0
+
+
+@dataclass(frozen=True)
+class GateVerdict:
+    """Whether the candidate passed, and why not."""
+
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def judge(active: dict[str, float], candidate: dict[str, float], thresholds: GateThresholds) -> GateVerdict:
+    """Compare the metrics of the active model and the candidate on the same held-out data.
+
+    Both dicts carry `agreement`, `parse_failure_rate`, `spread`, and optionally `srcc` (labelled set).
+    A metric the candidate cannot produce (NaN) fails its check: it is no evidence of quality.
+    """
+    reasons: list[str] = []
+    checks: dict[str, Any] = {}
+
+    agreement, base_agreement = candidate.get("agreement"), active.get("agreement")
+    if not _finite(agreement):
+        reasons.append("no held-out agreement could be measured for the candidate")
+    elif _finite(base_agreement) and agreement < base_agreement - thresholds.agreement_tolerance:
+        reasons.append(f"held-out agreement fell from {base_agreement:.3f} to {agreement:.3f}")
+    checks["agreement"] = {"active": base_agreement, "candidate": agreement}
+
+    failure = candidate.get("parse_failure_rate")
+    if not _finite(failure) or failure > thresholds.max_parse_failure:
+        reasons.append(f"parse-failure rate {failure} is above {thresholds.max_parse_failure}")
+    checks["parse_failure_rate"] = {"candidate": failure, "max": thresholds.max_parse_failure}
+
+    spread = candidate.get("spread")
+    if not _finite(spread) or spread < thresholds.min_spread:
+        reasons.append(f"score spread {spread} is below {thresholds.min_spread}: the model has collapsed")
+    checks["spread"] = {"active": active.get("spread"), "candidate": spread, "min": thresholds.min_spread}
+
+    if "srcc" in active or "srcc" in candidate:
+        srcc, base_srcc = candidate.get("srcc"), active.get("srcc")
+        if not _finite(srcc):
+            reasons.append("SRCC on the validation set could not be measured for the candidate")
+        elif _finite(base_srcc) and srcc < base_srcc - thresholds.srcc_tolerance:
+            reasons.append(f"validation SRCC fell from {base_srcc:.3f} to {srcc:.3f}")
+        checks["srcc"] = {"active": base_srcc, "candidate": srcc}
+
+    return GateVerdict(not reasons, reasons, checks)
