@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,11 +12,14 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routers import compare, health, images, models, score
+from api.routers import admin, compare, health, images, models, score
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines import build_engine
 from iqa.service import IQAService, register_configured_model
 from iqa.settings import Settings, get_settings
+from worker.dispatch import CeleryDispatcher, InProcessDispatcher, RoundDispatcher
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """Perceptual image-quality assessment with a vision-language model (EvoQuality).
 
@@ -35,6 +40,23 @@ async def start_service(settings: Settings, migrate: bool = True) -> IQAService:
     return IQAService(settings, engine, db)
 
 
+async def follow_active_version(service: IQAService, interval_s: float) -> None:
+    """Keep this process on the version the database marks active (after rounds and rollbacks)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await service.follow_active_version()
+        except Exception:  # the database may be down for a while; keep serving and try again
+            log.warning("could not check the active model version", exc_info=True)
+
+
+def make_dispatcher(service: IQAService) -> RoundDispatcher:
+    """Celery workers in production; this process itself on the embedded default."""
+    if service.settings.rounds_backend == "celery":
+        return CeleryDispatcher()
+    return InProcessDispatcher(service, asyncio.get_running_loop())
+
+
 def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
     """The API; the service (model, database) starts with the app's lifespan."""
     settings = settings or get_settings()
@@ -43,15 +65,20 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await start_service(settings, migrate)
         app.state.service = service
+        app.state.dispatcher = make_dispatcher(service)
+        follower = asyncio.create_task(follow_active_version(service, settings.active_version_poll_s))
         try:
             yield
         finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
             await service.engine.close()
             service.db.dispose()
 
     app = FastAPI(title="EvoQuality Service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
-    for router in (score.router, compare.router, images.router, models.router, health.router):
+    for router in (score.router, compare.router, images.router, models.router, health.router, admin.router):
         app.include_router(router)
     body_limit = settings.max_upload_bytes * settings.max_images_per_request + 64 * 1024
     app.add_middleware(BodySizeLimit, max_bytes=body_limit)

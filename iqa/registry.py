@@ -69,3 +69,35 @@ def ensure_base_version(session: Session, name: str, path: str, untrained: bool)
         active = base
     session.commit()
     return active
+
+
+def register_version(
+    session: Session,
+    name: str,
+    kind: str,
+    path: str,
+    base_path: str | None,
+    parent_id: int | None,
+    untrained: bool,
+    metrics: dict | None = None,
+    manifest: dict | None = None,
+) -> ModelVersion:
+    """Add a checkpoint as a new, not yet active version (the caller commits)."""
+    version = ModelVersion(
+        name=name,
+        kind=kind,
+        path=path,
+        base_path=base_path,
+        parent_id=parent_id,
+        untrained=untrained,
+        metrics=metrics,
+        manifest=manifest,
+    )
+    session.add(version)
+    session.flush()
+    return version
+
+
+def list_versions(session: Session) -> list[ModelVersion]:
+    """Every version, newest first."""
+    return list(session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all())

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Engine as DBEngine
@@ -30,6 +31,7 @@ from iqa.store import ImageStore
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "demo (untrained)"
+RETRY_FAILED_ACTIVATION_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class IQAService:
         self.db = db_engine or make_engine(settings.database_url or "")
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.db)
         self.store = ImageStore(Path(settings.image_store or settings.data_dir / "images"))
+        self._failed_activations: dict[int, float] = {}  # version id -> when loading it last failed
+        self.round_stale_after = timedelta(seconds=settings.round_stale_after_s)
 
     # ---- sampling -------------------------------------------------------------------------------
     def sampling(self, kind: str) -> Sampling:
@@ -261,6 +265,33 @@ class IQAService:
             comparison_id=comparison_id,
             latency_ms=latency,
         )
+
+    # ---- model version ----------------------------------------------------------------------------
+    def _active_spec_in_db(self) -> ModelSpec | None:
+        with self.sessions() as session:
+            version = registry.active_version(session)
+            return registry.to_spec(version) if version else None
+
+    async def follow_active_version(self) -> bool:
+        """Swap the engine to the version the database marks active; True when it swapped.
+
+        Every API process runs this every few seconds, so replicas converge on one version after a
+        round or a rollback. A version that fails to load is logged and the old one keeps serving.
+        """
+        wanted = await asyncio.to_thread(self._active_spec_in_db)
+        if wanted is None or wanted.version_id == self.engine.active.version_id:
+            return False
+        failed_at = self._failed_activations.get(wanted.version_id)
+        if failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_ACTIVATION_S:
+            return False
+        try:
+            await self.engine.activate(wanted)
+        except Exception:
+            self._failed_activations[wanted.version_id] = time.monotonic()
+            log.exception("cannot activate %s; still serving %s", wanted.name, self.engine.active.name)
+            return False
+        log.info("now serving model version %s", wanted.name)
+        return True
 
     # ---- health ---------------------------------------------------------------------------------
     async def readiness(self) -> dict:

@@ -63,12 +63,56 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(16, ge=1, description="Most `images` in one score request.")
     admin_token: SecretStr | None = Field(None, description="Bearer token; unset = admin API off.")
 
+    # ---- self-improvement rounds ----
+    rounds_backend: Literal["inprocess", "celery"] = Field(
+        "inprocess", description="`inprocess` (embedded, no broker) or `celery` (workers on Redis)."
+    )
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
+    checkpoints_dir: Path | None = Field(
+        None, description="Where round checkpoints go; default `<data_dir>/checkpoints`."
+    )
+    active_version_poll_s: float = Field(
+        2.0, gt=0, description="How often an API process checks the database for a new active version."
+    )
+    round_check_interval_s: float = Field(
+        60.0, gt=0, description="How often the beat checks whether a scheduled round is due."
+    )
+    round_every_hours: float = Field(24.0, gt=0, description="Scheduled rounds: at most one per this period.")
+    round_min_new_images: int = Field(
+        64, ge=1, description="Scheduled rounds start only when this many new images arrived since the last."
+    )
+    round_stale_after_s: float = Field(
+        900.0, gt=0, description="A running round with no heartbeat for this long is marked failed."
+    )
+    round_max_images: int = Field(
+        2000, ge=4, description="Most logged images (newest first) in a round's pool."
+    )
+    round_pairs: int = Field(512, ge=2, description="Pairs voted per round (paper: 20000).")
+    round_votes: int = Field(8, ge=2, le=64, description="Votes per pair, K (paper: 32).")
+    round_generations: int = Field(8, ge=2, le=64, description="GRPO group size, G (paper: 32).")
+    round_steps: int = Field(100, ge=1, description="GRPO optimiser steps per round.")
+    round_method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tuning.")
+    round_learning_rate: float = Field(1e-5, gt=0, description="GRPO learning rate (paper, full FT: 3e-7).")
+    round_holdout_fraction: float = Field(
+        0.2, ge=0.0, lt=1.0, description="Share of voted pairs kept out of training for the gate."
+    )
+    gate_max_parse_failure: float = Field(0.1, ge=0, le=1, description="Gate: most unparsable answers.")
+    gate_min_spread: float = Field(0.05, ge=0, description="Gate: least std of scores across images.")
+    gate_agreement_tolerance: float = Field(
+        0.0, ge=0, le=1, description="Gate: how far held-out agreement may fall."
+    )
+    validation_csv: Path | None = Field(
+        None, description="Optional CSV (image path, mos): the gate then also requires SRCC not to drop."
+    )
+
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:
         if self.database_url is None:
             self.database_url = f"sqlite:///{(self.data_dir / 'evoq.db').resolve()}"
         if self.image_store is None:
             self.image_store = self.data_dir / "images"
+        if self.checkpoints_dir is None:
+            self.checkpoints_dir = self.data_dir / "checkpoints"
         return self
 
     @property

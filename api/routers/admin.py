@@ -1,0 +1,207 @@
+"""Admin API: start, watch and cancel evolution rounds; list model versions and roll back or forward."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, HTTPException, Query, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from api.auth import AdminDep
+from api.deps import ServiceDep
+from api.schemas import ModelVersionOut
+from iqa import registry, rounds
+from iqa.engines.base import EngineUnavailable
+from iqa.models import EvolutionRound, ModelVersion
+from worker.dispatch import DispatchUnavailable
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+
+
+class RoundRequest(BaseModel):
+    """Optional overrides of the round settings (defaults: the EVOQ_ROUND_* settings)."""
+
+    model_config = {"extra": "forbid"}
+
+    pairs: int | None = Field(None, ge=2, le=1_000_000, description="Pairs to vote on (M).")
+    votes: int | None = Field(None, ge=2, le=64, description="Votes per pair (K).")
+    generations: int | None = Field(None, ge=2, le=64, description="GRPO group size (G).")
+    steps: int | None = Field(None, ge=1, le=1_000_000, description="GRPO optimiser steps.")
+    method: Literal["lora", "full"] | None = Field(None, description="LoRA adapter or full fine-tuning.")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="Learning rate.")
+    max_images: int | None = Field(None, ge=4, description="Most logged images in the pool (newest first).")
+    holdout_fraction: float | None = Field(None, ge=0, lt=1, description="Pairs kept out for the gate.")
+    seed: int | None = Field(None, description="Seed for pair sampling and training.")
+
+
+class RoundOut(BaseModel):
+    """An evolution round as stored."""
+
+    id: int
+    state: str = Field(
+        description="queued, voting, training, evaluating, swapping, succeeded, rejected, "
+        "failed or cancelled."
+    )
+    trigger: str = Field(description="manual, schedule or cli.")
+    settings: dict[str, Any]
+    progress: dict[str, Any] | None = Field(description="Current stage with done/total counters.")
+    parent_version_id: int | None = Field(description="The version that voted and was trained on.")
+    result_version_id: int | None = Field(description="The version the round produced, if any.")
+    metrics: dict[str, Any] | None
+    gate: dict[str, Any] | None = Field(description="The gate's verdict: passed, reasons, checks.")
+    timings: dict[str, Any] | None = Field(description="Seconds per stage.")
+    error: str | None
+    worker: str | None
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, row: EvolutionRound) -> RoundOut:
+        return cls.model_validate(row, from_attributes=True)
+
+
+class VersionOut(ModelVersionOut):
+    """A model version with its lineage and status."""
+
+    kind: str
+    path: str
+    base_path: str | None
+    parent_id: int | None
+    status: str = Field(description="registered, active, retired or failed.")
+    created_at: datetime
+    activated_at: datetime | None
+    metrics: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: ModelVersion) -> VersionOut:
+        return cls(
+            id=row.id,
+            name=row.name,
+            untrained=row.untrained,
+            kind=row.kind,
+            path=row.path,
+            base_path=row.base_path,
+            parent_id=row.parent_id,
+            status=row.status,
+            created_at=row.created_at,
+            activated_at=row.activated_at,
+            metrics=row.metrics,
+        )
+
+
+@router.post("/evolutions", status_code=202, response_model=RoundOut, summary="Start an evolution round")
+async def start_round(
+    request: Request,
+    service: ServiceDep,
+    overrides: Annotated[RoundRequest | None, Body()] = None,
+) -> RoundOut:
+    dispatcher = request.app.state.dispatcher
+    settings = (overrides or RoundRequest()).model_dump(exclude_none=True)
+
+    def create() -> EvolutionRound:
+        with service.sessions() as session:
+            rounds.reap_stale_rounds(session, service.round_stale_after)
+            return rounds.create_round(session, "manual", settings, service.engine.active.version_id)
+
+    try:
+        await asyncio.to_thread(dispatcher.check)
+        row = await asyncio.to_thread(create)
+    except rounds.RoundConflict as error:
+        raise HTTPException(409, str(error)) from error
+    except DispatchUnavailable as error:
+        raise HTTPException(503, str(error), headers={"Retry-After": "10"}) from error
+    try:
+        await asyncio.to_thread(dispatcher.submit, row.id)
+    except DispatchUnavailable as error:
+        message = f"could not be queued: {error}"
+
+        def fail() -> None:
+            with service.sessions() as session:
+                rounds.finish(session, row.id, "failed", error=message)
+
+        await asyncio.to_thread(fail)
+        raise HTTPException(503, str(error), headers={"Retry-After": "10"}) from error
+    return RoundOut.of(row)
+
+
+@router.get("/evolutions", response_model=list[RoundOut], summary="Rounds, newest first")
+async def list_rounds(
+    service: ServiceDep, limit: Annotated[int, Query(ge=1, le=500, description="Most rounds returned.")] = 50
+) -> list[RoundOut]:
+    def load() -> list[RoundOut]:
+        with service.sessions() as session:
+            rows = session.scalars(
+                select(EvolutionRound).order_by(EvolutionRound.id.desc()).limit(limit)
+            ).all()
+            return [RoundOut.of(r) for r in rows]
+
+    return await asyncio.to_thread(load)
+
+
+def _round_or_404(service, round_id: int) -> EvolutionRound:
+    with service.sessions() as session:
+        row = session.get(EvolutionRound, round_id)
+        if row is None:
+            raise HTTPException(404, f"no evolution round {round_id}")
+        return row
+
+
+@router.get("/evolutions/{round_id}", response_model=RoundOut, summary="One round: state, progress, gate")
+async def get_round(round_id: int, service: ServiceDep) -> RoundOut:
+    return RoundOut.of(await asyncio.to_thread(_round_or_404, service, round_id))
+
+
+@router.post(
+    "/evolutions/{round_id}/cancel", status_code=202, response_model=RoundOut, summary="Cancel a round"
+)
+async def cancel_round(round_id: int, service: ServiceDep) -> RoundOut:
+    def cancel() -> EvolutionRound:
+        _round_or_404(service, round_id)
+        with service.sessions() as session:
+            return rounds.request_cancel(session, round_id)
+
+    return RoundOut.of(await asyncio.to_thread(cancel))
+
+
+@router.get("/models", response_model=list[VersionOut], summary="Model versions, newest first")
+async def list_models(service: ServiceDep) -> list[VersionOut]:
+    def load() -> list[VersionOut]:
+        with service.sessions() as session:
+            return [VersionOut.from_row(v) for v in registry.list_versions(session)]
+
+    return await asyncio.to_thread(load)
+
+
+@router.post("/models/{version_id}/activate", response_model=VersionOut, summary="Roll back or forward")
+async def activate_model(version_id: int, service: ServiceDep) -> VersionOut:
+    """Load the version in this process first; only a version that loads is marked active for all."""
+
+    def load() -> ModelVersion:
+        with service.sessions() as session:
+            row = session.get(ModelVersion, version_id)
+            if row is None:
+                raise HTTPException(404, f"no model version {version_id}")
+            return row
+
+    row = await asyncio.to_thread(load)
+    try:
+        await service.engine.activate(registry.to_spec(row))
+    except EngineUnavailable:
+        raise
+    except Exception as error:
+        raise HTTPException(409, f"version {row.name} cannot be loaded: {error}") from error
+
+    def mark() -> VersionOut:
+        with service.sessions() as session:
+            version = session.get_one(ModelVersion, version_id)
+            registry.mark_active(session, version)
+            session.commit()
+            return VersionOut.from_row(version)
+
+    return await asyncio.to_thread(mark)

@@ -1,0 +1,43 @@
+"""The Celery app: rounds on the `training` queue (one at a time), the schedule on `maintenance`.
+
+Run in production as two processes (see docker-compose.yml):
+    celery -A worker.celery_app worker -Q training -c 1 --prefetch-multiplier 1
+    celery -A worker.celery_app worker -B -Q maintenance -c 1      # the one beat, plus its light tasks
+Rounds are not acked late: a round killed with its worker is not redelivered (it would run twice
+after Redis's visibility timeout); the database marks it failed instead and the next round can run.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from iqa.settings import Settings, get_settings
+
+TRAINING_QUEUE = "training"
+MAINTENANCE_QUEUE = "maintenance"
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for these settings (tests build their own with a short schedule)."""
+    app = Celery("evoquality", include=["worker.tasks"])
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": 24 * 3600},
+        task_default_queue=MAINTENANCE_QUEUE,
+        task_routes={"worker.tasks.evolve_round": {"queue": TRAINING_QUEUE}},
+        task_acks_late=False,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_max_tasks_per_child=1,  # training memory goes back to the system after each round
+        beat_schedule={
+            "evolution-schedule": {
+                "task": "worker.tasks.schedule_tick",
+                "schedule": settings.round_check_interval_s,
+            }
+        },
+    )
+    return app
+
+
+celery_app = make_celery(get_settings())
