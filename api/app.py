@@ -18,6 +18,7 @@ from iqa.engines import build_engine
 from iqa.service import IQAService, register_configured_model
 from iqa.settings import Settings, get_settings
 from worker.dispatch import CeleryDispatcher, InProcessDispatcher, RoundDispatcher
+from worker.schedule import start_scheduled_round
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,24 @@ async def follow_active_version(service: IQAService, interval_s: float) -> None:
             log.warning("could not check the active model version", exc_info=True)
 
 
+async def run_schedule(service: IQAService, dispatcher: RoundDispatcher) -> None:
+    """The embedded default's beat: start a scheduled round in this process when one is due."""
+    while True:
+        await asyncio.sleep(service.settings.round_check_interval_s)
+        try:
+
+            def due() -> int | None:
+                with service.sessions() as session:
+                    round_ = start_scheduled_round(session, service.settings)
+                    return round_.id if round_ else None
+
+            round_id = await asyncio.to_thread(due)
+            if round_id is not None:
+                dispatcher.submit(round_id)
+        except Exception:
+            log.warning("the round schedule check failed", exc_info=True)
+
+
 def make_dispatcher(service: IQAService) -> RoundDispatcher:
     """Celery workers in production; this process itself on the embedded default."""
     if service.settings.rounds_backend == "celery":
@@ -66,13 +85,16 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         service = await start_service(settings, migrate)
         app.state.service = service
         app.state.dispatcher = make_dispatcher(service)
-        follower = asyncio.create_task(follow_active_version(service, settings.active_version_poll_s))
+        background = [asyncio.create_task(follow_active_version(service, settings.active_version_poll_s))]
+        if settings.rounds_backend == "inprocess":
+            background.append(asyncio.create_task(run_schedule(service, app.state.dispatcher)))
         try:
             yield
         finally:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await service.engine.close()
             service.db.dispose()
 

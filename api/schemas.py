@@ -34,7 +34,7 @@ class ScoreItem(BaseModel):
     samples: int = Field(description="Samples drawn.")
     cached: bool = Field(description="True when answered from an earlier identical request.")
     prediction_id: int = Field(description="Id of the logged prediction row.")
-    model_version: ModelVersionOut
+    model_version: ModelVersionOut = Field(description="The model version that produced this score.")
     reasoning: list[str] | None = Field(
         None, description="The thinking text of each sample, when `return_reasoning` was set."
     )
@@ -43,7 +43,7 @@ class ScoreItem(BaseModel):
 class ScoreResponse(BaseModel):
     """Scores for every image of the request, in request order."""
 
-    results: list[ScoreItem]
+    results: list[ScoreItem] = Field(description="One result per uploaded image, in request order.")
 
 
 class CompareResponse(BaseModel):
@@ -60,7 +60,7 @@ class CompareResponse(BaseModel):
     invalid_votes: int = Field(description="Votes whose answer was not 0 or 1.")
     votes: int = Field(description="Votes drawn (half with each image shown first).")
     comparison_id: int = Field(description="Id of the logged comparison row.")
-    model_version: ModelVersionOut
+    model_version: ModelVersionOut = Field(description="The model version that cast the votes.")
     reasoning: list[str] | None = Field(None, description="The thinking text of each vote, on request.")
 
 

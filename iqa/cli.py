@@ -45,5 +45,97 @@ def migrate() -> None:
     typer.echo("database is at the newest migration")
 
 
+@app.command()
+def evolve(
+    images: Annotated[Path, typer.Option(help="Folder of unlabeled images (searched recursively).")],
+    model: Annotated[
+        str, typer.Option(help="Model that votes in round 1: base folder, hub id or checkpoint.")
+    ],
+    out: Annotated[Path, typer.Option(help="Folder for the versioned checkpoints (v001, v002, ...).")],
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds T; round t's model votes in round t+1.")] = 1,
+    pairs: Annotated[int, typer.Option(min=1, help="Pairs M sampled per round.")] = 128,
+    votes: Annotated[int, typer.Option(min=1, help="Votes K per pair.")] = 8,
+    generations: Annotated[int, typer.Option(min=2, help="GRPO rollouts G per image.")] = 4,
+    steps: Annotated[int, typer.Option(min=1, help="GRPO optimizer steps per round.")] = 16,
+    images_per_step: Annotated[int, typer.Option(min=2, help="Images per GRPO step (whole pairs).")] = 4,
+    lora: Annotated[
+        bool, typer.Option("--lora/--full", help="LoRA on the language model, or full FT.")
+    ] = True,
+    lora_rank: Annotated[int, typer.Option(min=1, help="LoRA rank.")] = 16,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Default: 1e-5 with LoRA, 3e-7 (the paper's) with full FT.")
+    ] = None,
+    beta: Annotated[float, typer.Option(min=0.0, help="KL weight to the lineage's base model.")] = 0.05,
+    holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of pairs kept for the gate.")] = 0.2,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Score samples per held-out image.")] = 4,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Completion budget; default: the model's.")
+    ] = None,
+    constrain: Annotated[
+        bool | None,
+        typer.Option("--constrain/--no-constrain", help="Force parsable answers; default: demo only."),
+    ] = None,
+    label_rule: Annotated[str, typer.Option(help="Pseudo-label: `hard` (paper) or `soft`.")] = "hard",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of round 1 (round t uses seed + t - 1).")] = 0,
+) -> None:
+    """Run T EvoQuality rounds on a folder of images: vote, train with GRPO, gate metrics, checkpoint."""
+    from trainer.cli import evolve as run_evolve
+    from trainer.grpo import TrainSettings
+    from trainer.round import RoundConfig
+
+    if label_rule not in ("hard", "soft"):
+        raise typer.BadParameter("label-rule must be `hard` or `soft`")
+    train = TrainSettings(
+        generations=generations,
+        steps=steps,
+        images_per_step=images_per_step,
+        lora=lora,
+        lora_rank=lora_rank,
+        lora_alpha=2 * lora_rank,
+        learning_rate=learning_rate,
+        beta=beta,
+    )
+    config = RoundConfig(
+        pairs=pairs,
+        votes=votes,
+        holdout=holdout,
+        eval_samples=eval_samples,
+        max_new_tokens=max_new_tokens,
+        constrain_answers=constrain,
+        label_rule=label_rule,  # type: ignore[arg-type]
+        device=device,
+        seed=seed,
+        train=train,
+    )
+    for result in run_evolve(images, model, out, rounds, config):
+        typer.echo(result.path)
+
+
+@app.command("eval")
+def evaluate(
+    csv_file: Annotated[Path, typer.Option("--csv", help="CSV of (image path, mos); relative to the CSV.")],
+    model: Annotated[str, typer.Option(help="Base folder, hub id or evolved checkpoint folder.")],
+    samples: Annotated[int, typer.Option(min=1, help="Score samples per image (score = their mean).")] = 8,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Completion budget; default: the model's.")
+    ] = None,
+    constrain: Annotated[
+        bool | None,
+        typer.Option("--constrain/--no-constrain", help="Force parsable answers; default: demo only."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Print PLCC, SRCC and KRCC between a model's scores and the MOS of a CSV."""
+    from rich.console import Console
+
+    from trainer.cli import eval_table, evaluate_csv
+
+    result = evaluate_csv(
+        csv_file, model, samples, max_new_tokens=max_new_tokens, constrain_answers=constrain, device=device
+    )
+    Console().print(eval_table(result))
+
+
 if __name__ == "__main__":
     app()

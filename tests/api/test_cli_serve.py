@@ -1,0 +1,114 @@
+"""The real `evoq serve` console script: no model configured, so it builds the demo model itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from iqa.models import Image, ModelVersion, Prediction
+from iqa.service import DEMO_NAME
+from tests.api.conftest import jpeg, sha256, unique_seed
+
+EVOQ = Path(sys.executable).parent / "evoq"
+READY_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"evoq serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    pytest.fail(f"evoq serve was not ready within {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.mark.slow
+def test_evoq_serve_builds_the_demo_model_and_scores(tmp_path: Path) -> None:
+    assert EVOQ.is_file(), f"console script missing: {EVOQ}"
+    data_dir = tmp_path / "data"
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVOQ_")}  # so no EVOQ_MODEL
+    env["EVOQ_DATA_DIR"] = str(data_dir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [str(EVOQ), "serve", "--port", str(port), "--log-level", "info"],
+            cwd=workdir,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until_ready(process, url, log)
+            data = jpeg(unique_seed())
+            sha = sha256(data)
+
+            response = httpx.post(
+                f"{url}/v1/score",
+                files=[("images", ("photo.jpg", data, "image/jpeg"))],
+                data={"samples": "2"},
+                timeout=60,
+            )
+
+            assert response.status_code == 200, response.text
+            [item] = response.json()["results"]
+            assert 1.0 <= item["score"] <= 5.0
+            assert item["model_version"]["name"] == DEMO_NAME
+            assert item["model_version"]["untrained"] is True
+            assert item["valid_samples"] == item["samples"] == 2
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                returncode = process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                pytest.fail(f"evoq serve did not stop on SIGTERM:\n{log.read_text()[-4000:]}")
+
+    # uvicorn shuts down gracefully, then re-raises the signal it caught: the exit says SIGTERM.
+    served = log.read_text()
+    assert returncode in (0, -signal.SIGTERM), served[-4000:]
+    assert "Application shutdown complete" in served, served[-4000:]
+    assert "Traceback" not in served, served[-4000:]
+    # Everything went under the data dir, none into the working folder.
+    assert (data_dir / "models" / "demo" / "evoq_demo.json").is_file()
+    assert list(workdir.iterdir()) == []
+    engine = create_engine(f"sqlite:///{data_dir / 'evoq.db'}")
+    try:
+        with Session(engine) as session:
+            [image] = session.scalars(select(Image).where(Image.sha256 == sha)).all()
+            assert (image.source, image.times_seen, image.byte_size) == ("score", 1, len(data))
+            [prediction] = session.scalars(select(Prediction).where(Prediction.image_id == image.id)).all()
+            assert prediction.id == item["prediction_id"]
+            assert prediction.score == pytest.approx(item["score"])
+            version = session.get_one(ModelVersion, prediction.model_version_id)
+            assert (version.name, version.untrained, version.status) == (DEMO_NAME, True, "active")
+            assert Path(version.path) == (data_dir / "models" / "demo").resolve()
+    finally:
+        engine.dispose()
+    assert (data_dir / "images" / sha[:2] / sha[2:4] / sha).read_bytes() == data

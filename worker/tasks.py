@@ -1,0 +1,41 @@
+"""Celery tasks: run a round (training queue) and the schedule tick (maintenance queue, from beat)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from functools import cache
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from iqa.db import make_engine, make_sessionmaker
+from iqa.settings import get_settings
+from worker.celery_app import celery_app
+from worker.evolve import execute_round, worker_open_engine
+from worker.schedule import start_scheduled_round
+
+log = logging.getLogger(__name__)
+
+
+@cache
+def _sessions() -> sessionmaker[Session]:
+    return make_sessionmaker(make_engine(get_settings().database_url or ""))
+
+
+@celery_app.task(name="worker.tasks.evolve_round", acks_late=False)
+def evolve_round(round_id: int) -> str:
+    """Run one queued round to its final state (stored in the database) and return that state."""
+    settings = get_settings()
+    return asyncio.run(execute_round(round_id, settings, _sessions(), worker_open_engine(settings)))
+
+
+@celery_app.task(name="worker.tasks.schedule_tick")
+def schedule_tick() -> int | None:
+    """Start a round when the schedule says one is due; returns its id."""
+    with _sessions()() as session:
+        round_ = start_scheduled_round(session, get_settings())
+    if round_ is None:
+        return None
+    log.info("scheduled round %s queued", round_.id)
+    evolve_round.apply_async(args=[round_.id])
+    return round_.id
