@@ -27,6 +27,7 @@ class Sampling:
     max_new_tokens: int | None = None  # None: the model's own default
     constrain: AnswerKind | None = None  # force a parsable answer of this kind (demo model)
     seed: int | None = None
+    background: bool = False  # round work: served after client requests (not part of the key)
 
     def key(self) -> str:
         """A stable text form for cache keys and logs."""

@@ -81,7 +81,10 @@ class LocalEngine:
         self.max_batch_rows = max_batch_rows
         self._loaded: LoadedModel | None = None
         self._vocab: dict[int, _Vocabulary] = {}
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()  # serving requests
+        self._background: asyncio.Queue[_Pending] = asyncio.Queue()  # round work (votes, evaluation)
+        self._arrived = asyncio.Event()
+        self.background_rows = max(1, max_batch_rows // 4)
         self._generate_thread = ThreadPoolExecutor(1, thread_name_prefix="evoq-generate")
         self._swap_lock = asyncio.Lock()
         self._batcher: asyncio.Task | None = None
@@ -109,10 +112,11 @@ class LocalEngine:
         if self._batcher is not None:
             self._batcher.cancel()
             self._batcher = None
-        while not self._queue.empty():
-            pending = self._queue.get_nowait()
-            if not pending.future.done():
-                pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
+        for queue in (self._queue, self._background):
+            while not queue.empty():
+                pending = queue.get_nowait()
+                if not pending.future.done():
+                    pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
         self._generate_thread.shutdown(wait=True)
         self._loaded = None
 
@@ -120,7 +124,8 @@ class LocalEngine:
         spec = self.active
         if self._batcher is None or self._batcher.done():
             raise EngineUnavailable("the local engine's batcher is not running")
-        return {"engine": "local", "model": spec.name, "queued": self._queue.qsize()}
+        queued = {"queued": self._queue.qsize(), "queued_background": self._background.qsize()}
+        return {"engine": "local", "model": spec.name, **queued}
 
     async def activate(self, model: ModelSpec) -> None:
         async with self._swap_lock:
@@ -134,11 +139,24 @@ class LocalEngine:
         if self._batcher is None:
             raise EngineUnavailable("the local engine is not started")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(request, future))
+        queue = self._background if request.sampling.background else self._queue
+        await queue.put(_Pending(request, future))
+        self._arrived.set()
         return await future
 
     async def _next_batch(self) -> list[_Pending]:
-        batch = [await self._queue.get()]
+        """Serving requests first (batched within the window); round work only when none waits,
+        and in smaller batches, so a round slows serving by at most one small batch."""
+        while self._queue.empty():
+            if not self._background.empty():
+                batch, rows = [], 0
+                while not self._background.empty() and rows < self.background_rows:
+                    batch.append(self._background.get_nowait())
+                    rows += batch[-1].request.n
+                return [p for p in batch if not p.future.done()]
+            self._arrived.clear()
+            await self._arrived.wait()
+        batch = [self._queue.get_nowait()]
         rows = batch[0].request.n
         deadline = asyncio.get_running_loop().time() + self.batch_window
         while rows < self.max_batch_rows:
@@ -159,6 +177,8 @@ class LocalEngine:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
+            if not batch:
+                continue
             loaded = self._loaded  # the whole batch runs on one model version
             groups = itertools.groupby(
                 sorted(batch, key=lambda p: p.request.sampling.key()), key=lambda p: p.request.sampling
