@@ -72,7 +72,7 @@ async def run_schedule(service: IQAService, dispatcher: RoundDispatcher) -> None
 def make_dispatcher(service: IQAService) -> RoundDispatcher:
     """Celery workers in production; this process itself on the embedded default."""
     if service.settings.rounds_backend == "celery":
-        return CeleryDispatcher()
+        return CeleryDispatcher(service.settings)
     return InProcessDispatcher(service, asyncio.get_running_loop())
 
 

@@ -1,9 +1,11 @@
 """The Celery app: rounds on the `training` queue (one at a time), the schedule on `maintenance`.
 
 Run in production as two processes (see docker-compose.yml):
-    celery -A worker.celery_app worker -Q training -c 1 --prefetch-multiplier 1
-    celery -A worker.celery_app worker -B -Q maintenance -c 1      # the one beat, plus its light tasks
-Rounds are not acked late: a round killed with its worker is not redelivered (it would run twice
+    celery -A worker.celery_app worker -Q training --pool solo --prefetch-multiplier 1
+    celery -A worker.celery_app worker -B -Q maintenance --pool solo   # the one beat, plus its light tasks
+`--pool solo`: a round runs one at a time in the worker's own process, which may start the training
+process (prefork pool children are daemonic and may not); the training process returns its memory when
+it exits, and the round's engine is closed after each stage. Rounds are not acked late: a round killed with its worker is not redelivered (it would run twice
 after Redis's visibility timeout); the database marks it failed instead and the next round can run.
 """
 
@@ -15,6 +17,7 @@ from iqa.settings import Settings, get_settings
 
 TRAINING_QUEUE = "training"
 MAINTENANCE_QUEUE = "maintenance"
+EVOLVE_TASK = "worker.tasks.evolve_round"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -25,11 +28,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": 24 * 3600},
         task_default_queue=MAINTENANCE_QUEUE,
-        task_routes={"worker.tasks.evolve_round": {"queue": TRAINING_QUEUE}},
+        task_routes={EVOLVE_TASK: {"queue": TRAINING_QUEUE}},
         task_acks_late=False,
         task_ignore_result=True,
         worker_prefetch_multiplier=1,
-        worker_max_tasks_per_child=1,  # training memory goes back to the system after each round
         beat_schedule={
             "evolution-schedule": {
                 "task": "worker.tasks.schedule_tick",

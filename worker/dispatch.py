@@ -8,6 +8,9 @@ from typing import Protocol
 
 from kombu.exceptions import OperationalError as BrokerError
 
+from iqa.settings import Settings
+from worker.celery_app import EVOLVE_TASK, TRAINING_QUEUE, make_celery
+
 log = logging.getLogger(__name__)
 
 
@@ -32,25 +35,22 @@ class RoundDispatcher(Protocol):
 
 
 class CeleryDispatcher:
-    """Sends rounds to the `training` queue of the Celery workers."""
+    """Sends rounds to the `training` queue of the Celery workers, by task name (no worker code here)."""
 
-    def __init__(self, broker_timeout_s: float = 3.0) -> None:
+    def __init__(self, settings: Settings, broker_timeout_s: float = 3.0) -> None:
+        self.app = make_celery(settings)
         self.broker_timeout_s = broker_timeout_s
 
     def check(self) -> None:
-        from worker.celery_app import celery_app
-
         try:
-            with celery_app.connection_for_write() as connection:
+            with self.app.connection_for_write() as connection:
                 connection.ensure_connection(max_retries=1, timeout=self.broker_timeout_s)
         except (BrokerError, OSError) as error:
             raise DispatchUnavailable(_broker_down(error)) from error
 
     def submit(self, round_id: int) -> None:
-        from worker.tasks import evolve_round
-
         try:
-            evolve_round.apply_async(args=[round_id], retry=False)
+            self.app.send_task(EVOLVE_TASK, args=[round_id], queue=TRAINING_QUEUE, retry=False)
         except (BrokerError, OSError) as error:
             raise DispatchUnavailable(_broker_down(error)) from error
 

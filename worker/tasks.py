@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from iqa.db import make_engine, make_sessionmaker
 from iqa.settings import get_settings
-from worker.celery_app import celery_app
+from worker.celery_app import EVOLVE_TASK, celery_app
 from worker.evolve import execute_round, worker_open_engine
 from worker.schedule import start_scheduled_round
 
@@ -22,7 +22,7 @@ def _sessions() -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(get_settings().database_url or ""))
 
 
-@celery_app.task(name="worker.tasks.evolve_round", acks_late=False)
+@celery_app.task(name=EVOLVE_TASK, acks_late=False)
 def evolve_round(round_id: int) -> str:
     """Run one queued round to its final state (stored in the database) and return that state."""
     settings = get_settings()
