@@ -150,6 +150,7 @@ def loop(start_server, demo_model_dir: Path, tmp_path: Path, broker_url: str, da
 
 def test_full_loop_round_in_a_celery_worker_then_rollback(loop) -> None:
     server, start_worker = loop()
+    replica, _ = loop()  # a second API process on the same database
     start_worker()
     for i in range(5):
         assert server.score(jpeg(seed=1100 + i)).status_code == 200
@@ -167,12 +168,15 @@ def test_full_loop_round_in_a_celery_worker_then_rollback(loop) -> None:
     new_name = next(
         m["name"] for m in server.http.get("/admin/models", headers=AUTH).json() if m["id"] == new_id
     )
-    wait_for_model(server, new_name)  # the API followed the database within its poll interval
-    answer = server.score(jpeg(seed=1190)).json()["results"][0]
-    assert answer["model_version"]["id"] == new_id
+    for api in (server, replica):  # every API process follows the database within its poll interval
+        wait_for_model(api, new_name)
+        answer = api.score(jpeg(seed=1190)).json()["results"][0]
+        assert answer["model_version"]["id"] == new_id
 
     assert server.http.post(f"/admin/models/{base['id']}/activate", headers=AUTH).status_code == 200
     assert server.score(jpeg(seed=1191)).json()["results"][0]["model_version"]["id"] == base["id"]
+    wait_for_model(replica, base["name"])
+    assert replica.score(jpeg(seed=1192)).json()["results"][0]["model_version"]["id"] == base["id"]
 
 
 def test_a_killed_worker_fails_its_round_keeps_the_model_and_the_next_round_runs(loop) -> None:
