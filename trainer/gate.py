@@ -32,7 +32,18 @@ class GateVerdict:
     checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As JSON-ready data: undefined (NaN) metrics become None."""
+        return _without_nan(asdict(self))
+
+
+def _without_nan(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _without_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nan(v) for v in value]
+    return value
 
 
 def _finite(value: float | None) -> bool:
@@ -49,11 +60,14 @@ def judge(active: dict[str, float], candidate: dict[str, float], thresholds: Gat
     checks: dict[str, Any] = {}
 
     agreement, base_agreement = candidate.get("agreement"), active.get("agreement")
-    if not _finite(agreement):
+    checks["agreement"] = {"active": base_agreement, "candidate": agreement}
+    if not _finite(agreement) and not _finite(base_agreement):
+        # No decided held-out pair (all ties) or no parsable score from either: nothing to compare.
+        checks["agreement"]["skipped"] = "no decided held-out pair could be scored by either model"
+    elif not _finite(agreement):
         reasons.append("no held-out agreement could be measured for the candidate")
     elif _finite(base_agreement) and agreement < base_agreement - thresholds.agreement_tolerance:
         reasons.append(f"held-out agreement fell from {base_agreement:.3f} to {agreement:.3f}")
-    checks["agreement"] = {"active": base_agreement, "candidate": agreement}
 
     failure = candidate.get("parse_failure_rate")
     if not _finite(failure) or failure > thresholds.max_parse_failure:

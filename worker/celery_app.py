@@ -5,8 +5,10 @@ Run in production as two processes (see docker-compose.yml):
     celery -A worker.celery_app worker -B -Q maintenance --pool solo   # the one beat, plus its light tasks
 `--pool solo`: a round runs one at a time in the worker's own process, which may start the training
 process (prefork pool children are daemonic and may not); the training process returns its memory when
-it exits, and the round's engine is closed after each stage. Rounds are not acked late: a round killed with its worker is not redelivered (it would run twice
-after Redis's visibility timeout); the database marks it failed instead and the next round can run.
+it exits, and the round's engine is closed after each stage.
+
+Rounds are not acked late: a round killed with its worker is not redelivered (it would run twice after
+Redis's visibility timeout); the database marks it failed instead and the next round can run.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from iqa.models import EvolutionRound, Image, ModelVersion, PseudoLabel
 from iqa.settings import Settings
 from iqa.store import ImageStore
 from trainer import checkpoint
-from trainer.gate import GateThresholds, judge
+from trainer.gate import GateThresholds, GateVerdict, judge
 from trainer.grpo import TrainSettings
 from trainer.pool import load_pool
 from trainer.round import RoundConfig, RoundResult, local_engine, run_round
@@ -206,68 +206,13 @@ async def execute_round(
     open_engine: OpenEngine,
     activate: Activate | None = None,
 ) -> str:
-    """Run a queued round to a final state and return that state; never raises for round failures."""
-    started = time.perf_counter()
-    with sessions() as session:
-        row = session.get_one(EvolutionRound, round_id)
-        overrides = dict(row.settings or {})
-        parent_row = session.get(ModelVersion, row.parent_version_id) if row.parent_version_id else None
-        parent_row = parent_row or registry.active_version(session)
-        if parent_row is None:
-            rounds.finish(session, round_id, "failed", error="no model version to evolve")
-            return "failed"
-        parent = registry.to_spec(parent_row)
-        images = _pool_images(session, overrides.pop("max_images", settings.round_max_images))
-        rounds.advance(session, round_id, "voting", worker=worker_name())
-    store = ImageStore(Path(settings.image_store or ""))
-    paths = [store.path_for(image.sha256) for image in images]
-    id_of = {f"{image.sha256[:2]}/{image.sha256[2:4]}/{image.sha256}": image.id for image in images}
-    config = round_config(settings, overrides)
-    parent_path = checkpoint.resolve_model(parent.path).path  # how run_round will name the parent
-    reporter = _Reporter(sessions, round_id)
+    """Run a queued round to a final state and return it; every failure ends the round as `failed`.
 
-    @asynccontextmanager
-    async def open_for_round(spec: ModelSpec) -> AsyncIterator[Engine]:
-        # The parent votes under its database version; the candidate has none yet (id -1).
-        if spec.path == parent_path:
-            async with open_engine(parent, True) as engine:
-                yield engine
-        else:
-            async with open_engine(
-                replace(spec, version_id=-1, name=f"candidate of round {round_id}"), False
-            ) as engine:
-                yield engine
-
+    Only a database that stops answering can leave a round unfinished; it is then failed by
+    `rounds.reap_stale_rounds` once its heartbeat is stale.
+    """
     try:
-        with _Heartbeat(sessions, round_id):
-            pool = await asyncio.to_thread(
-                load_pool, store.root, config.max_pixels, [p for p in paths if p.exists()]
-            )
-            result = await run_round(
-                parent.path,
-                pool,
-                Path(settings.checkpoints_dir or ""),
-                config,
-                open_engine=open_for_round,
-                progress=reporter,
-            )
-            metrics = result.manifest["metrics"]
-            active_metrics = _gate_inputs(metrics["before"])
-            candidate_metrics = _gate_inputs(metrics["after"])
-            if settings.validation_csv is not None:
-                active_metrics["srcc"] = await asyncio.to_thread(_validation_srcc, settings, parent.path)
-                candidate_metrics["srcc"] = await asyncio.to_thread(
-                    _validation_srcc, settings, str(result.path)
-                )
-            verdict = judge(
-                active_metrics,
-                candidate_metrics,
-                GateThresholds(
-                    agreement_tolerance=settings.gate_agreement_tolerance,
-                    max_parse_failure=settings.gate_max_parse_failure,
-                    min_spread=settings.gate_min_spread,
-                ),
-            )
+        return await _execute(round_id, settings, sessions, open_engine, activate)
     except rounds.RoundCancelled as error:
         with sessions() as session:
             rounds.finish(session, round_id, "cancelled", error=str(error))
@@ -278,6 +223,57 @@ async def execute_round(
             rounds.finish(session, round_id, "failed", error=f"{type(error).__name__}: {error}")
         return "failed"
 
+
+async def _execute(
+    round_id: int,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    open_engine: OpenEngine,
+    activate: Activate | None,
+) -> str:
+    started = time.perf_counter()
+    with sessions() as session:
+        row = session.get_one(EvolutionRound, round_id)
+        overrides = dict(row.settings or {})
+        parent_row = session.get(ModelVersion, row.parent_version_id) if row.parent_version_id else None
+        parent_row = parent_row or registry.active_version(session)
+        if parent_row is None:
+            raise RuntimeError("no model version to evolve")
+        parent = registry.to_spec(parent_row)
+        images = _pool_images(session, overrides.pop("max_images", settings.round_max_images))
+        rounds.advance(session, round_id, "voting", worker=worker_name())
+    store = ImageStore(Path(settings.image_store or ""))
+    paths = [store.path_for(image.sha256) for image in images]
+    id_of = {f"{image.sha256[:2]}/{image.sha256[2:4]}/{image.sha256}": image.id for image in images}
+    config = round_config(settings, overrides)
+    parent_path = checkpoint.resolve_model(parent.path).path  # how run_round will name the parent
+
+    @asynccontextmanager
+    async def open_for_round(spec: ModelSpec) -> AsyncIterator[Engine]:
+        # The parent votes under its database version; the candidate has none yet (id -1).
+        if spec.path == parent_path:
+            async with open_engine(parent, True) as engine:
+                yield engine
+        else:
+            candidate = replace(spec, version_id=-1, name=f"candidate of round {round_id}")
+            async with open_engine(candidate, False) as engine:
+                yield engine
+
+    with _Heartbeat(sessions, round_id):
+        pool = await asyncio.to_thread(
+            load_pool, store.root, config.max_pixels, [p for p in paths if p.exists()]
+        )
+        result = await run_round(
+            parent.path,
+            pool,
+            Path(settings.checkpoints_dir or ""),
+            config,
+            open_engine=open_for_round,
+            progress=_Reporter(sessions, round_id),
+        )
+        verdict = await _judge(settings, parent, result)
+
+    metrics = result.manifest["metrics"]
     timings = {**result.manifest["timings"], "round_s": time.perf_counter() - started}
     with sessions() as session:
         _store_labels(session, round_id, result, id_of)
@@ -292,13 +288,13 @@ async def execute_round(
             metrics=metrics,
             manifest=result.manifest,
         )
+        session.commit()
         fields = {
             "result_version_id": version.id,
             "metrics": metrics,
             "gate": verdict.to_dict(),
             "timings": timings,
         }
-        session.commit()
         if not verdict.passed:
             rounds.finish(session, round_id, "rejected", error="; ".join(verdict.reasons), **fields)
             return "rejected"
@@ -321,6 +317,22 @@ async def execute_round(
         session.commit()
         rounds.finish(session, round_id, "succeeded", **fields)
     return "succeeded"
+
+
+async def _judge(settings: Settings, parent: ModelSpec, result: RoundResult) -> GateVerdict:
+    """The gate on the round's before/after metrics (and the validation CSV when configured)."""
+    metrics = result.manifest["metrics"]
+    active_metrics = _gate_inputs(metrics["before"])
+    candidate_metrics = _gate_inputs(metrics["after"])
+    if settings.validation_csv is not None:
+        active_metrics["srcc"] = await asyncio.to_thread(_validation_srcc, settings, parent.path)
+        candidate_metrics["srcc"] = await asyncio.to_thread(_validation_srcc, settings, str(result.path))
+    thresholds = GateThresholds(
+        agreement_tolerance=settings.gate_agreement_tolerance,
+        max_parse_failure=settings.gate_max_parse_failure,
+        min_spread=settings.gate_min_spread,
+    )
+    return judge(active_metrics, candidate_metrics, thresholds)
 
 
 async def run_round_in_process(service: Any, round_id: int) -> str:

@@ -32,6 +32,16 @@ def test_unparsable_answers_are_rejected() -> None:
     candidate = {"agreement": math.nan, "parse_failure_rate": 1.0, "spread": math.nan}
     verdict = judge(ACTIVE, candidate, GateThresholds())
     assert not verdict.passed and len(verdict.reasons) == 3
+    assert verdict.to_dict()["checks"]["spread"]["candidate"] is None  # JSON has no NaN
+
+
+def test_agreement_is_skipped_when_no_held_out_pair_was_decided() -> None:
+    """All held-out pairs tied: neither model can be judged on agreement; the other checks decide."""
+    active = {"agreement": math.nan, "parse_failure_rate": 0.0, "spread": 0.5}
+    candidate = {"agreement": math.nan, "parse_failure_rate": 0.0, "spread": 0.4}
+    verdict = judge(active, candidate, GateThresholds())
+    assert verdict.passed and "skipped" in verdict.checks["agreement"]
+    assert judge({**active, "agreement": 0.6}, candidate, GateThresholds()).passed is False
 
 
 def test_validation_srcc_must_not_drop_when_configured() -> None:
