@@ -129,9 +129,9 @@ def evaluate(
     """Print PLCC, SRCC and KRCC between a model's scores and the MOS of a CSV."""
     from rich.console import Console
 
-    from trainer.cli import eval_table, evaluate_csv
+    from trainer.cli import eval_table, evaluate_csv_with_bars
 
-    result = evaluate_csv(
+    result = evaluate_csv_with_bars(
         csv_file, model, samples, max_new_tokens=max_new_tokens, constrain_answers=constrain, device=device
     )
     Console().print(eval_table(result))

@@ -61,6 +61,11 @@ class AnswerGrammar:
             zero_id=digits[0],
         )
 
+    @property
+    def min_tokens(self) -> int:
+        """The shortest budget that still fits the forced answer (opening, answer, closing, end)."""
+        return len(self.open_ids) + len(self.answer_steps) + len(self.close_ids) + 1
+
     def allowed(self, position: int, first: int | None) -> list[int]:
         """Token ids allowed at answer `position`, given the answer's first token (scores stay <= 5)."""
         if first is not None and first == self.top_id and position >= 2:
@@ -83,8 +88,7 @@ class AnswerConstraint(LogitsProcessor):
     def __init__(self, grammar: AnswerGrammar, token_texts: list[str], max_new_tokens: int) -> None:
         self.grammar = grammar
         self.token_texts = token_texts
-        reserve = len(grammar.open_ids) + len(grammar.answer_steps) + len(grammar.close_ids) + 1
-        self.think_budget = max(0, max_new_tokens - reserve)
+        self.think_budget = max(0, max_new_tokens - grammar.min_tokens)
         self.prompt_len: int | None = None
         self.rows: list[_RowState] = []
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -77,6 +78,7 @@ class LoadedModel:
     processor: object
     device: torch.device
     default_max_new_tokens: int | None
+    vocabulary: Any = None  # token texts and answer grammars, built on first constrained request
 
 
 def load_model(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -88,7 +90,13 @@ def load_model(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> Lo
         weights_path = adapter_base(spec.path)
     if weights_path is None:
         raise ValueError(f"LoRA version {spec.name!r} has no base model")
-    model = transformers.AutoModelForImageTextToText.from_pretrained(weights_path, dtype=torch_dtype)
+    model, info = transformers.AutoModelForImageTextToText.from_pretrained(
+        weights_path, dtype=torch_dtype, output_loading_info=True
+    )
+    # transformers fills missing weights randomly and only logs it: a partial checkpoint must fail.
+    broken = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
+    if broken:
+        raise ValueError(f"checkpoint {weights_path} is incomplete: {broken}")
     if spec.kind == "lora":
         from peft import PeftModel
 

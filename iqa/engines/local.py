@@ -10,6 +10,7 @@ a batch already started finishes on the model it started with, and every result 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -80,7 +81,6 @@ class LocalEngine:
         self.batch_window = batch_window_ms / 1000
         self.max_batch_rows = max_batch_rows
         self._loaded: LoadedModel | None = None
-        self._vocab: dict[int, _Vocabulary] = {}
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()  # serving requests
         self._background: asyncio.Queue[_Pending] = asyncio.Queue()  # round work (votes, evaluation)
         self._arrived = asyncio.Event()
@@ -110,14 +110,17 @@ class LocalEngine:
 
     async def close(self) -> None:
         if self._batcher is not None:
-            self._batcher.cancel()
-            self._batcher = None
+            batcher, self._batcher = self._batcher, None
+            batcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await batcher  # fails the requests of the batch in flight
         for queue in (self._queue, self._background):
             while not queue.empty():
                 pending = queue.get_nowait()
                 if not pending.future.done():
                     pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
-        self._generate_thread.shutdown(wait=True)
+        # The running batch (if any) finishes on its thread without blocking the event loop.
+        await asyncio.to_thread(self._generate_thread.shutdown, wait=True)
         self._loaded = None
 
     async def health(self) -> dict:
@@ -189,6 +192,11 @@ class LocalEngine:
                     texts = await loop.run_in_executor(
                         self._generate_thread, self._generate_group, loaded, sampling, group
                     )
+                except asyncio.CancelledError:  # closing: nobody will wait for this batch
+                    for pending in group:
+                        if not pending.future.done():
+                            pending.future.set_exception(EngineUnavailable("the engine is shutting down"))
+                    raise
                 except Exception as error:  # a failed batch fails its requests, not the batcher
                     log.exception("generation failed")
                     for pending in group:
@@ -199,57 +207,100 @@ class LocalEngine:
                     if not pending.future.done():
                         pending.future.set_result(GenerationResult(out, loaded.spec))
 
-    def _vocabulary(self, loaded: LoadedModel) -> _Vocabulary:
-        key = id(loaded)
-        if key not in self._vocab:
-            self._vocab = {key: _Vocabulary(loaded)}
-        return self._vocab[key]
+    @staticmethod
+    def _vocabulary(loaded: LoadedModel) -> _Vocabulary:
+        if loaded.vocabulary is None:
+            loaded.vocabulary = _Vocabulary(loaded)
+        return loaded.vocabulary
 
     def _generate_group(
         self, loaded: LoadedModel, sampling: Sampling, group: list[_Pending]
     ) -> list[list[str]]:
-        """Generate every row of a group in chunks of at most `max_batch_rows`; runs on the worker thread."""
+        """All completions of a group; runs on the generation thread.
+
+        Each request is encoded once and expanded to its n samples inside `generate`
+        (`num_return_sequences`), so images are preprocessed once per request, not once per sample.
+        Requests with the same n share a call of at most `max_batch_rows` rows.
+        """
         processor = loaded.processor
-        rows: list[tuple[int, str, list]] = []
-        for index, pending in enumerate(group):
-            req = pending.request
-            text = processor.apply_chat_template(
-                chat_messages(req.text, len(req.images)), add_generation_prompt=True, tokenize=False
+        prompts = [
+            (
+                processor.apply_chat_template(
+                    chat_messages(p.request.text, len(p.request.images)),
+                    add_generation_prompt=True,
+                    tokenize=False,
+                ),
+                [downscale_for_model(im, self.max_pixels) for im in p.request.images],
             )
-            images = [downscale_for_model(im, self.max_pixels) for im in req.images]
-            rows.extend((index, text, images) for _ in range(req.n))
+            for p in group
+        ]
+        # (request index, samples) units: a request larger than a batch is split over several calls;
+        # greedy samples are all the same, so a greedy request is decoded once and repeated
+        greedy = sampling.temperature == 0
+        units: dict[int, list[int]] = {}
+        for index, pending in enumerate(group):
+            left = 1 if greedy else pending.request.n
+            while left > 0:
+                m = min(left, self.max_batch_rows)
+                units.setdefault(m, []).append(index)
+                left -= m
         outputs: list[list[str]] = [[] for _ in group]
+        grammar = None
         max_new = sampling.max_new_tokens or loaded.default_max_new_tokens or FALLBACK_MAX_NEW_TOKENS
+        if sampling.constrain:
+            vocab = self._vocabulary(loaded)
+            grammar = vocab.grammar(self.profile, sampling.constrain)
+            max_new = max(max_new, grammar.min_tokens)  # room for the whole forced answer
+        for m, indices in sorted(units.items()):
+            per_call = max(1, self.max_batch_rows // m)
+            for start in range(0, len(indices), per_call):
+                chunk = indices[start : start + per_call]
+                texts = self._generate_call(
+                    loaded, sampling, grammar, max_new, [prompts[i] for i in chunk], m
+                )
+                for position, index in enumerate(chunk):
+                    outputs[index].extend(texts[position * m : (position + 1) * m])
+        if greedy:
+            outputs = [texts * pending.request.n for texts, pending in zip(outputs, group, strict=True)]
+        self.batches_run += 1
+        return outputs
+
+    def _generate_call(
+        self,
+        loaded: LoadedModel,
+        sampling: Sampling,
+        grammar: AnswerGrammar | None,
+        max_new: int,
+        prompts: list[tuple[str, list]],
+        samples: int,
+    ) -> list[str]:
+        """One `generate`: `samples` completions of each prompt, prompt by prompt."""
+        greedy = sampling.temperature == 0
+        processor = loaded.processor
+        inputs = processor(
+            text=[text for text, _ in prompts],
+            images=[im for _, images in prompts for im in images],
+            return_tensors="pt",
+            padding=True,
+        ).to(loaded.device)
         config = GenerationConfig(
             max_new_tokens=max_new,
-            do_sample=sampling.temperature > 0,
-            temperature=sampling.temperature if sampling.temperature > 0 else None,
-            top_p=sampling.top_p if sampling.temperature > 0 else None,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
             top_k=None,
             repetition_penalty=None,
+            num_return_sequences=samples,
             eos_token_id=loaded.model.generation_config.eos_token_id,
             pad_token_id=processor.tokenizer.pad_token_id,
         )
-        for start in range(0, len(rows), self.max_batch_rows):
-            chunk = rows[start : start + self.max_batch_rows]
-            inputs = processor(
-                text=[r[1] for r in chunk],
-                images=[im for r in chunk for im in r[2]],
-                return_tensors="pt",
-                padding=True,
-            ).to(loaded.device)
-            processors = LogitsProcessorList()
-            if sampling.constrain:
-                vocab = self._vocabulary(loaded)
-                grammar = vocab.grammar(self.profile, sampling.constrain)
-                processors.append(AnswerConstraint(grammar, vocab.texts, max_new))
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed + start)
-            with torch.inference_mode():
-                out = loaded.model.generate(**inputs, generation_config=config, logits_processor=processors)
-            new_tokens = out[:, inputs["input_ids"].shape[1] :]
-            texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for (index, _, _), text in zip(chunk, texts, strict=True):
-                outputs[index].append(text)
-        self.batches_run += 1
-        return outputs
+        processors = LogitsProcessorList()
+        if grammar is not None:
+            processors.append(AnswerConstraint(grammar, self._vocabulary(loaded).texts, max_new))
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            out = loaded.model.generate(**inputs, generation_config=config, logits_processor=processors)
+        return processor.tokenizer.batch_decode(
+            out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )

@@ -15,9 +15,15 @@ assignment on the event loop, so each request sees either the old or the new rou
 says which), and unloads the old adapter once its requests in flight are done. A full-weight swap
 holds this engine's new requests, drains its requests in flight, then pauses the server (which waits
 for other clients' requests), reloads the weights, resets the prefix and encoder caches, and resumes;
-requests continue under a new zero-adapter name. The server's `weight_version` records which weights
-it holds, so any process (or this one, after a restart) can tell. A full reload changes what every
-client of the server gets: only one process may own those swaps (see README, production).
+requests continue under a new zero-adapter name.
+
+A full reload changes what every client of the server gets, and every API process follows the active
+version on its own. The server's `weight_version` says which weights it holds (set to a "reloading"
+mark before the pause, to the new path after). Where the server has it (dev mode, which full reloads
+need anyway), the engine reads it after every answer (one read shared by the answers that arrive
+together): an answer whose request may have met other weights than its route was installed on is
+discarded, never labelled, and requests get 503 until this process follows the active version too (or
+re-installs its own after a restart).
 """
 
 from __future__ import annotations
@@ -80,8 +86,9 @@ class _ServerError(Exception):
         super().__init__(f"HTTP {response.status_code}: {_message(response)}")
 
 
-class _AdapterGone(Exception):
-    """The server does not know the adapter name a request was sent with (it restarted)."""
+class _RouteLost(Exception):
+    """The route cannot answer correctly any more: the server forgot its adapter (restart) or holds
+    other weights than it was installed on (a full reload by another process)."""
 
 
 def _message(response: httpx.Response) -> str:
@@ -131,6 +138,8 @@ def chat_payload(
     }
     if sampling.seed is not None:
         payload["seed"] = sampling.seed
+    if sampling.background:  # round work: with `--scheduling-policy priority`, served after clients
+        payload["priority"] = 1
     if sampling.constrain:
         payload["structured_outputs"] = {"regex": answer_regex(profile, sampling.constrain, max_tokens)}
     return payload
@@ -208,6 +217,8 @@ class _Route:
     spec: ModelSpec
     adapter: str
     max_new_tokens: int
+    weight_version: str | None  # the server's weight_version it was installed on (None: not reported)
+    stale: bool = False  # another process reloaded the server's weights under it
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -250,6 +261,8 @@ class VLLMEngine:
         self._spec = model
         self._route: _Route | None = None
         self._weights: str | None = None  # what the server holds, when known
+        self._weight_version: str | None = None  # the server's weight_version, when it reports one
+        self._next_probe: asyncio.Future[str | None] | None = None
         self._open = asyncio.Event()  # cleared while a full-weight reload runs
         self._open.set()
         self._swap_lock = asyncio.Lock()
@@ -321,7 +334,7 @@ class VLLMEngine:
             route.enter()  # no await since the route was read: a swap sees this request
             try:
                 texts = await self._complete(route, request, urls)
-            except _AdapterGone:
+            except _RouteLost:
                 texts = None
             finally:
                 route.leave()
@@ -377,9 +390,13 @@ class VLLMEngine:
         payload = chat_payload(route.adapter, request, urls, max_tokens, self.profile)
         response = await self._call("POST", "/v1/chat/completions", json=payload)
         if response.status_code == 404 and route.adapter in _message(response):
-            raise _AdapterGone(route.adapter)
+            raise _RouteLost(f"vLLM forgot adapter {route.adapter}")
         if response.status_code != 200:
             raise RuntimeError(f"vLLM rejected a request (HTTP {response.status_code}): {_message(response)}")
+        if route.weight_version is not None:
+            version = await self._weight_version_after_now()
+            if version != route.weight_version:
+                raise _RouteLost(f"vLLM weights changed from {route.weight_version} to {version}")
         choices = sorted(response.json()["choices"], key=lambda c: c["index"])
         texts = [c["message"]["content"] or "" for c in choices]
         return texts * request.n if payload["n"] < request.n else texts  # greedy: one, repeated
@@ -394,34 +411,54 @@ class VLLMEngine:
                 except TimeoutError as error:
                     raise EngineUnavailable("a model swap on vLLM is taking too long") from error
             route = self._route
-            if route is not None and self._open.is_set():
+            if route is not None and not route.stale and self._open.is_set():
                 return route
-            await self._recover(None)
+            await self._recover(route)
 
     async def _recover(self, lost: _Route | None) -> None:
-        """Install the active version again after the server lost it (restart) or was never set up."""
+        """Install the active version again when its route was lost, or there is none yet.
+
+        After a restart the server holds its start-up weights and the active version is installed
+        again, reloading if need be. After another process reloaded the weights, this process does not
+        reload them back: its route turns stale and requests get 503 (re-checked every second) until
+        the follower activates the new version here, or the server holds this version's weights again.
+        """
         async with self._swap_lock:
             if self._route is not lost:
                 return  # another request or a swap already did it
             loop = asyncio.get_running_loop()
             if loop.time() < self._down_until:
                 raise EngineUnavailable(self._down_message)
-            log.warning("vLLM does not know the served adapter; installing %s again", self._spec.name)
-            self._weights = None  # a restarted server holds its start-up weights again
             try:
+                await self._read_server_weights()
+                moved = self._weight_version not in (None, "default")
+                if (
+                    lost is not None
+                    and moved
+                    and not _same_weights(weights_of(self._spec), self._weights or "")
+                ):
+                    lost.stale = True
+                    raise EngineUnavailable(
+                        "vLLM was switched to other weights by another process; this process "
+                        "follows the active model version in a moment",
+                        retry_after=2,
+                    )
+                log.warning("vLLM cannot serve %s on its route; installing it again", self._spec.name)
                 self._route = await self._install(self._spec)
             except EngineUnavailable as error:
                 self._down_until, self._down_message = loop.time() + DOWN_BACKOFF_S, str(error)
                 raise
             finally:
                 self._open.set()
+            if lost is not None:
+                await self._retire(lost)
 
     async def _install(self, spec: ModelSpec) -> _Route:
         """Make the server able to answer `spec` under a new adapter name, checked; the caller switches."""
         weights = weights_of(spec)
         if self._weights is None:
-            self._weights = await self._server_weights()
-        if not _same_weights(weights, self._weights):
+            await self._read_server_weights()
+        if not _same_weights(weights, self._weights or ""):
             await self._reload_weights(weights)
         if spec.kind == "lora":
             adapter_path = spec.path
@@ -445,32 +482,50 @@ class VLLMEngine:
             await self._unload(name)
             raise
         max_new = await asyncio.to_thread(model_max_new_tokens, weights)
-        return _Route(spec, name, max_new)
+        return _Route(spec, name, max_new, self._weight_version)
 
-    async def _server_weights(self) -> str:
-        """The weights the server holds: its `weight_version` once reloaded, else its start-up model."""
-        info = await self._call("GET", "/weight_info")  # a dev-mode endpoint; absent: never reloaded
-        version = info.json().get("weight_version") if info.status_code == 200 else None
-        if version and version != "default":
-            return version
+    async def _weight_version_after_now(self) -> str | None:
+        """The server's weight_version, read after this call; one read serves all who wait for it."""
+        if self._next_probe is None:
+            self._next_probe = asyncio.ensure_future(self._probe_weight_version())
+        return await asyncio.shield(self._next_probe)
+
+    async def _probe_weight_version(self) -> str | None:
+        await asyncio.sleep(0)  # let the answers of this loop iteration join
+        self._next_probe = None  # from here on, callers need a read that starts after them
+        return await self._current_weight_version()
+
+    async def _current_weight_version(self) -> str | None:
+        """The server's weight_version; None where it has no such endpoint (dev mode off)."""
+        info = await self._call("GET", "/weight_info")
+        return str(info.json().get("weight_version")) if info.status_code == 200 else None
+
+    async def _read_server_weights(self) -> None:
+        """What the server holds: its weight_version once reloaded, else its start-up model."""
+        self._weight_version = await self._current_weight_version()
+        if self._weight_version not in (None, "default"):
+            self._weights = self._weight_version
+            return
         models = await self._call("GET", "/v1/models")
-        return next(m["root"] for m in models.json()["data"] if m.get("parent") is None)
+        self._weights = next(m["root"] for m in models.json()["data"] if m.get("parent") is None)
 
     async def _reload_weights(self, weights: str) -> None:
         """Replace the server's weights; this engine's requests wait until the caller opens the gate."""
         self._open.clear()
         if self._route is not None:
             await self._drain(self._route)
+        # Marked before the pause: an answer of another process that checks the version after this
+        # point is discarded, since its request may have waited out the pause and met the new weights.
+        await self._post("/update_weight_version", {"new_version": RELOADING})
+        self._weights = self._weight_version = RELOADING
         await self._post("/pause", mode="wait")  # also waits for other clients' requests
         try:
-            await self._post("/update_weight_version", {"new_version": RELOADING})
-            self._weights = RELOADING
             reload = {"method": "reload_weights", "kwargs": {"weights_path": weights}}
             await self._post("/collective_rpc", reload)
             await self._post("/reset_prefix_cache")
             await self._post("/reset_encoder_cache")
             await self._post("/update_weight_version", {"new_version": weights})
-            self._weights = weights
+            self._weights = self._weight_version = weights
         finally:
             await self._post("/resume")
         log.info("vLLM reloaded its weights from %s", weights)

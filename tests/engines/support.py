@@ -27,7 +27,7 @@ async def running_engine(spec: ModelSpec, **options) -> AsyncIterator[LocalEngin
 class GenerateCall:
     """What one `model.generate` call was asked and what it returned."""
 
-    rows: int
+    rows: int  # sequences generated: prompts x num_return_sequences
     prompt_len: int
     do_sample: bool
     temperature: float | None
@@ -48,7 +48,7 @@ class GenerateRecorder:
     def _generate(self, *args, **kwargs):
         config = kwargs["generation_config"]
         call = GenerateCall(
-            rows=kwargs["input_ids"].shape[0],
+            rows=kwargs["input_ids"].shape[0] * (config.num_return_sequences or 1),
             prompt_len=kwargs["input_ids"].shape[1],
             do_sample=bool(config.do_sample),
             temperature=config.temperature,
