@@ -170,42 +170,45 @@ class IQAService:
             )
             return image.id, answer
 
-    def _touch(self, image_ids: list[int]) -> None:
-        with self.sessions.begin() as session:
-            for image_id in image_ids:
-                records.touch_image(session, image_id)
+    def _intake(
+        self, uploads: list[Upload], version_id: int, key: str
+    ) -> tuple[list[ScoredImage | None], list[tuple[int, int, DecodedImage]]]:
+        """Cache answers and decoded new images of a request, in one trip off the event loop.
+
+        Every upload is checked first; only when all pass are the cache hits counted as seen and the
+        new images stored and logged. Returns the answers (None where the model must run) and the
+        (position, image id, decoded image) of the images to score.
+        """
+        results: list[ScoredImage | None] = []
+        new: list[tuple[int, DecodedImage]] = []
+        seen_again: list[int] = []
+        for index, upload in enumerate(uploads):
+            self._check_size(upload)
+            hit = self._cache_lookup(hashlib.sha256(upload.data).hexdigest(), version_id, key)
+            if hit is None:
+                results.append(None)
+                new.append((index, self._decode(upload)))
+            else:
+                seen_again.append(hit[0])
+                results.append(hit[1])
+        if seen_again:
+            with self.sessions.begin() as session:
+                for image_id in seen_again:
+                    records.touch_image(session, image_id)
+        return results, [(index, self._accept(decoded, "score"), decoded) for index, decoded in new]
 
     # ---- score ----------------------------------------------------------------------------------
     async def score(self, uploads: list[Upload], samples: int | None = None) -> list[ScoredImage]:
-        """Score every upload; all are validated before any model work starts."""
+        """Score every upload; all are validated before anything is logged or sent to the model."""
         n = samples or self.settings.score_samples
         sampling = self.sampling("score")
         key = self.sampling_key(n, sampling)
         version_id = self.engine.active.version_id
-        results: list[ScoredImage | None] = []
-        to_score: list[tuple[int, DecodedImage]] = []
-        seen_again: list[int] = []
-        for index, upload in enumerate(uploads):
-            self._check_size(upload)
-            sha = hashlib.sha256(upload.data).hexdigest()
-            hit = await asyncio.to_thread(self._cache_lookup, sha, version_id, key)
-            if hit is None:
-                results.append(None)
-                to_score.append((index, await asyncio.to_thread(self._decode, upload)))
-            else:
-                seen_again.append(hit[0])
-                results.append(hit[1])
-        # Only a request whose every image passed validation is logged.
-        if seen_again:
-            await asyncio.to_thread(self._touch, seen_again)
-        image_ids = [await asyncio.to_thread(self._accept, d, "score") for _, d in to_score]
+        results, to_score = await asyncio.to_thread(self._intake, uploads, version_id, key)
         scored = await asyncio.gather(
-            *(
-                self._score_one(image_id, d, n, sampling, key)
-                for image_id, (_, d) in zip(image_ids, to_score, strict=True)
-            )
+            *(self._score_one(image_id, decoded, n, sampling, key) for _, image_id, decoded in to_score)
         )
-        for (index, _), result in zip(to_score, scored, strict=True):
+        for (index, _, _), result in zip(to_score, scored, strict=True):
             results[index] = result
         return [r for r in results if r is not None]
 
@@ -248,12 +251,14 @@ class IQAService:
         """Votes on which of two images is better; both are stored and logged first."""
         n = votes or self.settings.compare_votes
         sampling = self.sampling("vote")
-        for upload in (upload_a, upload_b):
-            self._check_size(upload)
-        decoded_a = await asyncio.to_thread(self._decode, upload_a)
-        decoded_b = await asyncio.to_thread(self._decode, upload_b)
-        id_a = await asyncio.to_thread(self._accept, decoded_a, "compare")
-        id_b = await asyncio.to_thread(self._accept, decoded_b, "compare")
+
+        def intake() -> tuple[DecodedImage, DecodedImage, int, int]:
+            for upload in (upload_a, upload_b):
+                self._check_size(upload)
+            a, b = self._decode(upload_a), self._decode(upload_b)
+            return a, b, self._accept(a, "compare"), self._accept(b, "compare")
+
+        decoded_a, decoded_b, id_a, id_b = await asyncio.to_thread(intake)
         started = time.perf_counter()
         result = await compare_images(
             self.engine, decoded_a.image, decoded_b.image, n, sampling, self.settings.prompt_profile
