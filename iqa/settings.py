@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     model_max_pixels: int = Field(
         1280 * 28 * 28, ge=28 * 28, description="Images are downscaled to this many pixels for the model."
     )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads of the local engine's torch; default: torch's own choice."
+    )
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="Local engine batching window.")
     max_batch_rows: int = Field(64, ge=1, description="Most sequences in one local forward batch.")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest upload (413).")

@@ -11,6 +11,10 @@ def build_engine(settings: Settings, model: ModelSpec) -> Engine:
     if settings.engine == "local":
         from iqa.engines.local import LocalEngine
 
+        if settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)  # process-wide: the engine is its main user
         return LocalEngine(
             model,
             profile=settings.prompt_profile,
