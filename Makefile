@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint bench
+.PHONY: serve test lint bench vllm-venv
 
 $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
@@ -12,7 +12,12 @@ $(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
 serve: $(STAMP)
 	$(VENV)/bin/evoq serve
 
-test: $(STAMP)
+# The vLLM tests run against a real vLLM server (CPU build) from its own venv; the script is a no-op
+# when that venv is already built for the current scripts.
+vllm-venv:
+	bash scripts/build_vllm_venv.sh
+
+test: $(STAMP) vllm-venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q

@@ -24,6 +24,7 @@ from iqa.db import check_database, make_engine, make_sessionmaker
 from iqa.demo_model import build_demo_model, is_demo_model
 from iqa.engines.base import Engine, ModelSpec, Sampling
 from iqa.images import DecodedImage, ImageRejected, check_content_type, decode_image
+from iqa.models import ModelVersion
 from iqa.scoring import compare_images, score_image
 from iqa.settings import Settings
 from iqa.store import ImageStore
@@ -105,6 +106,7 @@ class IQAService:
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.db)
         self.store = ImageStore(Path(settings.image_store or settings.data_dir / "images"))
         self._failed_activations: dict[int, float] = {}  # version id -> when loading it last failed
+        self._activation_lock = asyncio.Lock()
         self.round_stale_after = timedelta(seconds=settings.round_stale_after_s)
 
     # ---- sampling -------------------------------------------------------------------------------
@@ -300,20 +302,34 @@ class IQAService:
         Every API process runs this every few seconds, so replicas converge on one version after a
         round or a rollback. A version that fails to load is logged and the old one keeps serving.
         """
-        wanted = await asyncio.to_thread(self._active_spec_in_db)
-        if wanted is None or wanted.version_id == self.engine.active.version_id:
-            return False
-        failed_at = self._failed_activations.get(wanted.version_id)
-        if failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_ACTIVATION_S:
-            return False
-        try:
-            await self.engine.activate(wanted)
-        except Exception:
-            self._failed_activations[wanted.version_id] = time.monotonic()
-            log.exception("cannot activate %s; still serving %s", wanted.name, self.engine.active.name)
-            return False
-        log.info("now serving model version %s", wanted.name)
-        return True
+        async with self._activation_lock:
+            wanted = await asyncio.to_thread(self._active_spec_in_db)
+            if wanted is None or wanted.version_id == self.engine.active.version_id:
+                return False
+            failed_at = self._failed_activations.get(wanted.version_id)
+            if failed_at is not None and time.monotonic() - failed_at < RETRY_FAILED_ACTIVATION_S:
+                return False
+            try:
+                await self.engine.activate(wanted)
+            except Exception:
+                self._failed_activations[wanted.version_id] = time.monotonic()
+                log.exception("cannot activate %s; still serving %s", wanted.name, self.engine.active.name)
+                return False
+            log.info("now serving model version %s", wanted.name)
+            return True
+
+    async def activate_version(self, version: ModelSpec) -> None:
+        """Load `version` here, then mark it active for every process (a version that fails to load
+        raises and changes nothing). Holds the same lock as the follower, so the two never race."""
+        async with self._activation_lock:
+            await self.engine.activate(version)
+
+            def mark() -> None:
+                with self.sessions() as session:
+                    registry.mark_active(session, session.get_one(ModelVersion, version.version_id))
+                    session.commit()
+
+            await asyncio.to_thread(mark)
 
     # ---- health ---------------------------------------------------------------------------------
     async def readiness(self) -> dict:

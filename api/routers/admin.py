@@ -191,17 +191,9 @@ async def activate_model(version_id: int, service: ServiceDep) -> VersionOut:
 
     row = await asyncio.to_thread(load)
     try:
-        await service.engine.activate(registry.to_spec(row))
+        await service.activate_version(registry.to_spec(row))
     except EngineUnavailable:
         raise
     except Exception as error:
         raise HTTPException(409, f"version {row.name} cannot be loaded: {error}") from error
-
-    def mark() -> VersionOut:
-        with service.sessions() as session:
-            version = session.get_one(ModelVersion, version_id)
-            registry.mark_active(session, version)
-            session.commit()
-            return VersionOut.from_row(version)
-
-    return await asyncio.to_thread(mark)
+    return VersionOut.from_row(await asyncio.to_thread(load))

@@ -164,7 +164,7 @@ def model_max_new_tokens(weights: str) -> int:
 def write_zero_adapter(weights: str, out_dir: Path) -> None:
     """A rank-1 LoRA with all-zero weights for `weights`: serving through it gives the base model's output.
 
-    The model is built on the meta device (no weights are read), so this takes a second even for 7B.
+    The model is built on the meta device: no weight is read or allocated, whatever its size.
     Only the language model's q_proj is targeted: enough for vLLM to route the rows as LoRA rows.
     Written to a temporary folder and renamed, so a concurrent writer or reader never sees half of it.
     """
