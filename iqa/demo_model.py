@@ -178,3 +178,17 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
 def is_demo_model(model_dir: str | Path) -> bool:
     """True when the folder was written by `build_demo_model`."""
     return (Path(model_dir) / DEMO_MARKER).is_file()
+
+
+def is_untrained(model_dir: str | Path) -> bool:
+    """The demo model, or a checkpoint evolved from it (its manifest says its base was untrained)."""
+    folder = Path(model_dir)
+    if is_demo_model(folder):
+        return True
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return bool(json.loads(manifest.read_text())["base_model"]["untrained"])
+    except (ValueError, KeyError, TypeError):
+        return False

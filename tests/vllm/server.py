@@ -22,7 +22,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-vllm"
 BUILD_COMMAND = "bash scripts/build_vllm_venv.sh"
-MAX_LORA_RANK = 8
+MAX_LORA_RANK = 16
 
 
 def free_port() -> int:

@@ -1,0 +1,171 @@
+"""A round through the Engine interface (a scripted engine, as vLLM would be) with real GRPO in a child
+process; gate metrics; checkpoint folders and manifests; a failing child."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from iqa.demo_model import build_demo_model
+from iqa.engines.base import GenerationRequest, GenerationResult, ModelSpec
+from iqa.prompts import prompt_set
+from iqa.scoring import ScoreResult
+from trainer import checkpoint
+from trainer.checkpoint import resolve_model
+from trainer.grpo import TrainSettings
+from trainer.round import RoundConfig, TrainingFailed, gate_metrics, run_round
+from trainer.voting import make_label
+
+
+def grey(level: int) -> Image.Image:
+    return Image.new("RGB", (32, 32), (level, level, level))
+
+
+class BrightnessEngine:
+    """Scores an image by its brightness and votes for the brighter one; answers as the active spec."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.active = spec
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        levels = [image.getpixel((0, 0))[0] for image in request.images]
+        if request.text == prompt_set("evoquality").score_text:
+            answer = f"{1 + 4 * levels[0] / 255:.2f}"
+        else:
+            answer = "0" if levels[0] > levels[1] else "1"
+        return GenerationResult([f"<think>ok</think> \\boxed{{{answer}}}"] * request.n, self.active)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+def test_a_round_through_the_engine_interface_publishes_a_complete_version(
+    demo: Path, tmp_path: Path
+) -> None:
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    for k in range(6):
+        grey(40 * k + 20).save(pool_dir / f"g{k}.png")
+    opened: list[ModelSpec] = []
+
+    @asynccontextmanager
+    async def open_engine(spec: ModelSpec):
+        opened.append(spec)
+        yield BrightnessEngine(spec)
+
+    stages: list[str] = []
+    config = RoundConfig(
+        pairs=10,
+        votes=2,
+        holdout=0.3,
+        eval_samples=2,
+        max_new_tokens=16,
+        train=TrainSettings(generations=2, steps=1, images_per_step=2, learning_rate=1e-3),
+    )
+    result = asyncio.run(
+        run_round(
+            demo,
+            pool_dir,
+            tmp_path / "out",
+            config,
+            open_engine=open_engine,
+            progress=lambda stage, done, total: stages.append(stage),
+        )
+    )
+
+    assert result.path == tmp_path / "out" / "v001" and result.path.is_dir()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["v001"]  # no staging folder left behind
+    assert [s.kind for s in opened] == ["base", "lora"]  # the parent votes, the candidate is scored
+    assert opened[1].base_path == str(demo.resolve()) and opened[1].untrained
+    assert {"voting", "scoring-before", "training", "scoring-after"} <= set(stages)
+
+    manifest = checkpoint.read_manifest(result.path)
+    assert set(checkpoint.MANIFEST_KEYS) <= set(manifest)
+    assert manifest["kind"] == "lora" and manifest["round"] == 1 and manifest["parent"]["kind"] == "base"
+    labels = manifest["pseudo_labels"]
+    assert labels["pairs"] == 10 and labels["holdout_pairs"] == 3 and labels["train_pairs"] == 7
+    assert labels["invalid_votes"] == 0 and labels["ties"] == 0
+    # The scripted engine orders images exactly as it votes: agreement 1 both times, no parse failure.
+    for when in ("before", "after"):
+        metrics = manifest["metrics"][when]
+        assert metrics["holdout_agreement"] == 1.0 and metrics["parse_failure_rate"] == 0.0
+        assert metrics["score_spread"] > 0
+    assert manifest["training"]["steps"] == 1 and manifest["training"]["lone_images"] == 0
+    rows = json.loads((result.path / "pseudo_labels.json").read_text())
+    assert sorted(row["split"] for row in rows) == ["holdout"] * 3 + ["train"] * 7
+    assert (result.path / "adapter_model.safetensors").is_file() and (
+        result.path / "tokenizer.json"
+    ).is_file()
+
+    source = resolve_model(result.path)
+    assert (source.kind, source.version, source.root) == ("lora", 1, str(demo.resolve()))
+    assert source.spec().base_path == str(demo.resolve())
+
+
+def test_a_failing_training_process_raises_and_leaves_no_version(demo: Path, tmp_path: Path) -> None:
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    for k in range(4):
+        grey(50 * k + 20).save(pool_dir / f"g{k}.png")
+
+    @asynccontextmanager
+    async def open_engine(spec: ModelSpec):
+        yield BrightnessEngine(spec)
+
+    # 2 images x 3 generations cannot be split into 4 micro-batches: the child raises at once.
+    config = RoundConfig(
+        pairs=5,
+        votes=2,
+        eval_samples=1,
+        train=TrainSettings(generations=3, images_per_step=2, micro_batches=4),
+    )
+    with pytest.raises(TrainingFailed, match="divisible"):
+        asyncio.run(run_round(demo, pool_dir, tmp_path / "out", config, open_engine=open_engine))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def score(value: float | None, valid: int = 2, samples: int = 2) -> ScoreResult:
+    spec = ModelSpec(0, "m", "base", "m")
+    return ScoreResult(value, 0.0, valid, samples, [value] * samples, [""] * samples, spec)
+
+
+def test_gate_metrics() -> None:
+    holdout = [make_label(0, 1, 3, 1, 0), make_label(1, 2, 2, 2, 0), make_label(2, 3, 0, 4, 0)]
+    metrics = gate_metrics({0: score(4.0), 1: score(2.0), 2: score(3.0), 3: score(None, 0)}, holdout)
+    assert metrics["holdout_agreement"] == 1.0  # pair (2, 3) has no score for 3, the tie is skipped
+    assert metrics["parse_failure_rate"] == 0.25
+    assert metrics["score_spread"] == pytest.approx(math.sqrt(2 / 3))
+    assert metrics["images"] == 4 and metrics["pairs"] == 3 and metrics["decided_pairs"] == 2
+    assert gate_metrics({}, [])["holdout_agreement"] is None  # NaN is written as null
+
+
+def test_versions_are_numbered_staged_and_never_overwritten(tmp_path: Path) -> None:
+    assert checkpoint.next_version(tmp_path / "absent") == 1
+    staging = checkpoint.staging_dir(tmp_path, 1)
+    assert checkpoint.next_version(tmp_path) == 2  # a round in progress holds its number
+    published = checkpoint.publish(staging, tmp_path, 1)
+    assert published.name == "v001" and checkpoint.next_version(tmp_path) == 2
+    with pytest.raises(FileExistsError):
+        checkpoint.publish(checkpoint.staging_dir(tmp_path, 1), tmp_path, 1)
+    with pytest.raises(ValueError, match="lacks"):
+        checkpoint.write_manifest(published, {"format": checkpoint.MANIFEST_FORMAT})
+
+
+def test_resolve_model_reads_bases_and_hub_ids(demo: Path) -> None:
+    base = resolve_model(demo)
+    assert (base.kind, base.root, base.version, base.untrained) == ("base", str(demo.resolve()), 0, True)
+    hub = resolve_model("ByteDance/EvoQuality")
+    assert (hub.kind, hub.root, hub.untrained, checkpoint.root_name(hub)) == (
+        "base",
+        "ByteDance/EvoQuality",
+        False,
+        "EvoQuality",
+    )

@@ -1,0 +1,422 @@
+"""One EvoQuality round over a pool of images, end to end: pairs, votes, GRPO, gate metrics, checkpoint.
+
+The current model votes through the `Engine` interface (so the same code runs on the local engine or
+on vLLM); GRPO runs in a spawned child process that gets only plain data (image paths, preferences,
+settings), so every byte it allocated goes back to the system when it exits; the new model is then
+scored on the held-out pairs beside the old one. The version folder is published only once all of
+that succeeded. `progress(stage, done, total)` reports each stage so a caller can show or persist it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import multiprocessing
+import queue
+import resource
+import shutil
+import statistics
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from iqa.engines.base import Engine, ModelSpec, Sampling
+from iqa.scoring import ScoreResult, score_image
+from iqa.settings import PromptProfile
+from trainer import checkpoint
+from trainer.checkpoint import ModelSource
+from trainer.grpo import TrainJob, TrainSettings
+from trainer.metrics import parse_failure_rate, pseudo_label_agreement, score_spread
+from trainer.pairs import sample_pairs, split_holdout
+from trainer.pool import Pool, load_pool
+from trainer.voting import LabelRule, PairLabel, VotingResult, vote_pairs
+
+Progress = Callable[[str, int, int], None]
+OpenEngine = Callable[[ModelSpec], AbstractAsyncContextManager[Engine]]
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Settings of one round; `train` holds the GRPO ones. Recorded in the manifest as given."""
+
+    pairs: int = 128  # M (paper: 20,000); capped at the number of distinct pairs
+    votes: int = 8  # K per pair (paper: 32)
+    min_degree: int = 2  # each image in at least this many pairs (lowered when M is too small)
+    holdout: float = 0.2  # share of pairs kept out of training to judge the new model
+    label_rule: LabelRule = "hard"
+    min_margin: float = 0.0
+    eval_samples: int = 4  # score samples per held-out image, for the gate metrics
+    temperature: float = 1.0
+    max_new_tokens: int | None = None  # completion budget for votes, scores and rollouts
+    constrain_answers: bool | None = None  # None: on for the untrained demo lineage only
+    concurrency: int = 16
+    profile: PromptProfile = "evoquality"
+    max_pixels: int = 1280 * 28 * 28
+    device: str = "auto"
+    seed: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """The published version, its lineage entry and its manifest."""
+
+    path: Path
+    model: ModelSource
+    manifest: dict[str, Any]
+
+
+class TrainingFailed(RuntimeError):
+    """The training process raised (the message holds its traceback) or died."""
+
+
+@asynccontextmanager
+async def local_engine(
+    spec: ModelSpec,
+    *,
+    profile: PromptProfile = "evoquality",
+    device: str = "auto",
+    max_pixels: int = 1280 * 28 * 28,
+) -> AsyncIterator[Engine]:
+    """A started in-process engine for `spec`, closed (its memory released) when the block ends."""
+    from iqa.engines.local import LocalEngine
+
+    engine = LocalEngine(spec, profile=profile, device=device, max_pixels=max_pixels)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+def _sampling(config: RoundConfig, constrain: bool, kind: str) -> Sampling:
+    """Round work is `background`: an engine that also serves clients answers them first."""
+    return Sampling(
+        temperature=config.temperature,
+        max_new_tokens=config.max_new_tokens,
+        constrain=kind if constrain else None,  # type: ignore[arg-type]
+        background=True,
+    )
+
+
+async def score_images(
+    engine: Engine,
+    images: Sequence[Image.Image],
+    n: int,
+    sampling: Sampling,
+    profile: PromptProfile,
+    concurrency: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ScoreResult]:
+    """n score samples for every image, at most `concurrency` requests in flight."""
+    semaphore = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(image: Image.Image) -> ScoreResult:
+        nonlocal done
+        async with semaphore:
+            result = await score_image(engine, image, n, sampling, profile)
+        done += 1
+        if progress is not None:
+            progress(done, len(images))
+        return result
+
+    return list(await asyncio.gather(*(one(image) for image in images)))
+
+
+def gate_metrics(scores: dict[int, ScoreResult], holdout: Sequence[PairLabel]) -> dict[str, Any]:
+    """The label-free checks of a model on the held-out pairs: agreement, parse failures, spread."""
+    means = {index: result.score for index, result in scores.items()}
+    samples = sum(result.samples for result in scores.values())
+    invalid = samples - sum(result.valid for result in scores.values())
+    valid_means = [m for m in means.values() if m is not None]
+    return _json_safe(
+        {
+            "holdout_agreement": pseudo_label_agreement(means, holdout),
+            "parse_failure_rate": parse_failure_rate(invalid, samples),
+            "score_spread": score_spread(means),
+            "mean_score": statistics.fmean(valid_means) if valid_means else math.nan,
+            "images": len(scores),
+            "pairs": len(holdout),
+            "decided_pairs": sum(not label.tie for label in holdout),
+            "samples": samples,
+        }
+    )
+
+
+def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN is not JSON: undefined metrics are written as null."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+
+
+def _child_main(job: TrainJob, messages: Any) -> None:
+    """Entry point of the training process: report steps, then the stats or the traceback.
+
+    It runs at the lowest CPU priority, so on a machine that also serves requests (the embedded
+    default) the scoring engine keeps the CPU it needs.
+    """
+    import os
+    import warnings
+
+    os.nice(19)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TRL's and transformers' renames
+    try:
+        from trainer.grpo import train_grpo
+
+        stats = train_grpo(job, on_step=lambda step, total: messages.put(("step", (step, total))))
+        messages.put(("done", stats))
+    except BaseException:
+        messages.put(("error", traceback.format_exc()))
+        raise
+
+
+def train_in_child(job: TrainJob, progress: Progress | None = None) -> dict[str, Any]:
+    """Run `trainer.grpo.train_grpo(job)` in a spawned process (fresh CUDA state, memory returned at exit)."""
+    context = multiprocessing.get_context("spawn")
+    messages = context.Queue()
+    # Not a daemon, so the trainer may start processes of its own; it is killed below if we fail.
+    process = context.Process(target=_child_main, args=(job, messages), name="evoq-grpo")
+    process.start()
+    outcome: tuple[str, Any] | None = None
+    try:
+        while outcome is None:
+            try:
+                kind, payload = messages.get(timeout=0.5)
+            except queue.Empty:
+                if not process.is_alive():
+                    break
+                continue
+            if kind == "step":
+                if progress is not None:
+                    progress("training", *payload)
+            else:
+                outcome = (kind, payload)
+        process.join()
+    finally:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    if outcome is None:
+        raise TrainingFailed(f"the training process died (exit code {process.exitcode}) without a result")
+    kind, payload = outcome
+    if kind == "error":
+        raise TrainingFailed(f"training failed in the child process:\n{payload}")
+    return payload
+
+
+def _degree(n_images: int, n_pairs: int, wanted: int) -> int:
+    """The wanted minimum degree, lowered to what n_pairs pairs over n_images images can give."""
+    return max(0, min(wanted, n_images - 1, (2 * n_pairs) // max(1, n_images)))
+
+
+def _label_stats(voting: VotingResult, train: list[PairLabel], holdout: list[PairLabel], config: RoundConfig):
+    margins = [label.margin for label in voting.labels]
+    return {
+        "pairs": len(voting.labels),
+        "votes_per_pair": config.votes,
+        "votes": voting.votes,
+        "invalid_votes": voting.invalid_votes,
+        "invalid_rate": voting.invalid_rate,
+        "ties": voting.ties,
+        "mean_margin": statistics.fmean(margins) if margins else None,
+        "label_rule": config.label_rule,
+        "min_margin": config.min_margin,
+        "train_pairs": len(train),
+        "holdout_pairs": len(holdout),
+    }
+
+
+async def run_round(
+    model: str | Path,
+    pool: Pool | Path,
+    out_dir: Path,
+    config: RoundConfig,
+    *,
+    open_engine: OpenEngine | None = None,
+    progress: Progress | None = None,
+) -> RoundResult:
+    """Run one round with `model` voting on `pool`; publish `<out_dir>/vNNN` and return it.
+
+    `open_engine(spec)` must yield a started engine answering with `spec` (default: a local engine
+    that is closed after use, so no model is held in this process while the child trains).
+    """
+    report = progress or (lambda stage, done, total: None)
+    parent = checkpoint.resolve_model(model)
+    if isinstance(pool, Path):
+        pool = load_pool(pool, config.max_pixels)
+    n = len(pool)
+    if n < 3:
+        raise ValueError(f"a round needs at least 3 usable images; {pool.root} has {n}")
+    opener = open_engine or (
+        lambda spec: local_engine(
+            spec, profile=config.profile, device=config.device, max_pixels=config.max_pixels
+        )
+    )
+    constrain = parent.untrained if config.constrain_answers is None else config.constrain_answers
+    n_pairs = min(config.pairs, n * (n - 1) // 2)
+    degree = _degree(n, n_pairs, config.min_degree)
+    pairs = sample_pairs(n, n_pairs, degree, config.seed)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    async with opener(parent.spec()) as engine:
+        voting = await vote_pairs(
+            engine,
+            pool.images,
+            pairs,
+            config.votes,
+            _sampling(config, constrain, "vote"),
+            config.profile,
+            config.concurrency,
+            lambda done, total: report("voting", done, total),
+            rule=config.label_rule,
+            min_margin=config.min_margin,
+        )
+        timings["voting_s"] = time.perf_counter() - started
+        train_part, holdout_part = split_holdout(range(len(voting.labels)), config.holdout, config.seed)
+        split = {k: "holdout" for k in holdout_part}
+        split |= {k: "train" for k in train_part if voting.labels[k].margin >= config.min_margin}
+        train = [voting.labels[k] for k in train_part if split.get(k) == "train"]
+        holdout = [voting.labels[k] for k in holdout_part]
+        if not train:
+            raise ValueError("no training pairs left after the hold-out split and the margin filter")
+        before = await _score_holdout(engine, pool, holdout, config, constrain, "scoring-before", report)
+        timings["scoring_before_s"] = time.perf_counter() - started - timings["voting_s"]
+
+    version = checkpoint.next_version(out_dir)
+    staging = checkpoint.staging_dir(out_dir, version)
+    try:  # a failed round leaves no half-written version behind
+        settings = replace(
+            config.train,
+            seed=config.seed,
+            temperature=config.temperature,
+            constrain_answers=constrain,
+            device=config.device,
+            max_completion_length=config.train.max_completion_length or config.max_new_tokens,
+        )
+        job = TrainJob(
+            parent=parent,
+            image_ids=pool.ids,
+            image_paths=[str(p) for p in pool.paths],
+            preferences=[(pool.ids[label.i], pool.ids[label.j], label.p_star) for label in train],
+            settings=settings,
+            output_dir=str(staging),
+            profile=config.profile,
+            max_pixels=config.max_pixels,
+        )
+        mark = time.perf_counter()
+        report("training", 0, settings.steps)
+        training = await asyncio.to_thread(train_in_child, job, report)
+        timings["training_s"] = time.perf_counter() - mark
+
+        checkpoint.copy_processor_files(parent.adapter_base or parent.root, staging)
+        kind = "lora" if settings.lora else "full"
+        adapter_base = (parent.adapter_base or parent.path) if kind == "lora" else None
+        name = f"{checkpoint.root_name(parent)}-evoq-{checkpoint.version_dir_name(version)}"
+        candidate = ModelSource(
+            path=str(staging),
+            kind=kind,
+            root=parent.root,
+            name=name,
+            version=version,
+            round=parent.round + 1,
+            adapter_base=adapter_base,
+            untrained=parent.untrained,
+        )
+        mark = time.perf_counter()
+        async with opener(candidate.spec()) as engine:
+            after = await _score_holdout(engine, pool, holdout, config, constrain, "scoring-after", report)
+        timings["scoring_after_s"] = time.perf_counter() - mark
+        timings["total_s"] = time.perf_counter() - started
+
+        manifest = {
+            "format": checkpoint.MANIFEST_FORMAT,
+            "name": name,
+            "version": version,
+            "round": candidate.round,
+            "kind": kind,
+            "created_at": checkpoint.utc_now(),
+            "base_model": {"path": parent.root, "untrained": parent.untrained},
+            "adapter_base": adapter_base,
+            "parent": {
+                "path": parent.path,
+                "name": parent.name,
+                "kind": parent.kind,
+                "version": parent.version,
+            },
+            "reference_model": training["reference_model"],
+            "settings": {
+                **asdict(config),
+                "train": asdict(settings),
+                "pairs_used": n_pairs,
+                "min_degree_used": degree,
+            },
+            "pool": {
+                "root": str(pool.root),
+                "images": n,
+                "rejected": len(pool.rejected),
+                "rejected_files": pool.rejected,
+            },
+            "pseudo_labels": _label_stats(voting, train, holdout, config),
+            "training": training,
+            "metrics": {"before": before, "after": after},
+            "timings": timings,
+        }
+        checkpoint.write_manifest(staging, manifest)
+        _write_labels(staging, pool, voting, split)
+        path = checkpoint.publish(staging, out_dir, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return RoundResult(path, replace(candidate, path=str(path)), manifest)
+
+
+async def _score_holdout(
+    engine: Engine,
+    pool: Pool,
+    holdout: list[PairLabel],
+    config: RoundConfig,
+    constrain: bool,
+    stage: str,
+    report: Progress,
+) -> dict[str, Any]:
+    indices = sorted({index for label in holdout for index in (label.i, label.j)})
+    results = await score_images(
+        engine,
+        [pool.images[k] for k in indices],
+        config.eval_samples,
+        _sampling(config, constrain, "score"),
+        config.profile,
+        config.concurrency,
+        lambda done, total: report(stage, done, total),
+    )
+    return {"model": engine.active.name, **gate_metrics(dict(zip(indices, results, strict=True)), holdout)}
+
+
+def _write_labels(folder: Path, pool: Pool, voting: VotingResult, split: dict[int, str]) -> None:
+    """The voted pairs beside the weights, by image id, so a round can be audited or reused."""
+    rows = [
+        {"image_i": pool.ids[label.i], "image_j": pool.ids[label.j], "split": split.get(k, "dropped"), **row}
+        for k, (label, row) in enumerate(zip(voting.labels, voting.to_rows(), strict=True))
+    ]
+    (folder / "pseudo_labels.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak resident memory of this process and of its largest finished child (the trainer), in MiB."""
+    return {
+        "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }
