@@ -338,19 +338,14 @@ async def _judge(settings: Settings, parent: ModelSpec, result: RoundResult) -> 
 async def run_round_in_process(service: Any, round_id: int) -> str:
     """The embedded runner: vote with the serving engine, swap it in place when the gate passes."""
 
-    settings = service.settings
+    open_other = worker_open_engine(service.settings)
 
     @asynccontextmanager
     async def open_engine(spec: ModelSpec, is_parent: bool) -> AsyncIterator[Engine]:
         if is_parent and spec.version_id == service.engine.active.version_id:
-            yield service.engine
+            yield service.engine  # the serving engine votes; round work yields to clients there
             return
-        async with local_engine(
-            spec,
-            profile=settings.prompt_profile,
-            device=settings.device,
-            max_pixels=settings.model_max_pixels,
-        ) as engine:
+        async with open_other(spec, is_parent) as engine:
             yield engine
 
     return await execute_round(
