@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,6 +37,7 @@ from iqa.settings import PromptProfile
 log = logging.getLogger(__name__)
 
 FALLBACK_MAX_NEW_TOKENS = 1024
+CLIENT_ACTIVE_S = 5.0
 
 
 @dataclass
@@ -84,7 +86,8 @@ class LocalEngine:
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()  # serving requests
         self._background: asyncio.Queue[_Pending] = asyncio.Queue()  # round work (votes, evaluation)
         self._arrived = asyncio.Event()
-        self.background_rows = max(1, max_batch_rows // 4)
+        self.background_rows = max(1, max_batch_rows // 8)  # bounds how long a client waits for round work
+        self._last_client_request = float("-inf")  # monotonic time of the last foreground request
         self._generate_thread = ThreadPoolExecutor(1, thread_name_prefix="evoq-generate")
         self._swap_lock = asyncio.Lock()
         self._batcher: asyncio.Task | None = None
@@ -143,17 +146,22 @@ class LocalEngine:
             raise EngineUnavailable("the local engine is not started")
         future = asyncio.get_running_loop().create_future()
         queue = self._background if request.sampling.background else self._queue
+        if not request.sampling.background:
+            self._last_client_request = time.monotonic()
         await queue.put(_Pending(request, future))
         self._arrived.set()
         return await future
 
     async def _next_batch(self) -> list[_Pending]:
-        """Serving requests first (batched within the window); round work only when none waits,
-        and in smaller batches, so a round slows serving by at most one small batch."""
+        """Serving requests first (batched within the window); round work only when none waits, and,
+        while clients are active (a request in the last few seconds), in small batches, so a round
+        delays a client by at most one small batch. With no clients, round work runs at full size."""
         while self._queue.empty():
             if not self._background.empty():
+                clients_active = time.monotonic() - self._last_client_request < CLIENT_ACTIVE_S
+                limit = self.background_rows if clients_active else self.max_batch_rows
                 batch, rows = [], 0
-                while not self._background.empty() and rows < self.background_rows:
+                while not self._background.empty() and rows < limit:
                     batch.append(self._background.get_nowait())
                     rows += batch[-1].request.n
                 return [p for p in batch if not p.future.done()]

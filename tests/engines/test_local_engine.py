@@ -343,3 +343,26 @@ async def test_closing_fails_the_requests_in_flight_instead_of_leaving_them_hang
     except TimeoutError:
         pytest.fail("a request in flight when the engine closed never got an answer")
     assert len(result.texts) == 2  # or it was allowed to finish
+
+
+async def test_client_requests_go_before_round_work(spec_a: ModelSpec) -> None:
+    """Round work (background) waits for clients, and runs in small batches while clients are active."""
+    round_work = Sampling(temperature=1.0, background=True)
+    async with running_engine(spec_a, max_batch_rows=8) as engine:
+        recorder = GenerateRecorder(engine)
+        votes = [asyncio.create_task(engine.generate(score_request(i % 6, 4, round_work))) for i in range(8)]
+        await asyncio.sleep(0)  # all queued before the client arrives
+        client = await engine.generate(score_request(7, 2, SAMPLED))
+        assert len(client.texts) == 2
+        assert sum(task.done() for task in votes) <= 2  # at most the batch already running went first
+        await asyncio.gather(*votes)
+        after_client = recorder.calls[2:]  # the first round batch, then the client's
+        assert after_client and all(call.rows <= 4 for call in after_client)  # one request at a time
+
+
+async def test_round_work_runs_in_full_batches_without_clients(spec_a: ModelSpec) -> None:
+    round_work = Sampling(temperature=1.0, background=True)
+    async with running_engine(spec_a, max_batch_rows=8) as engine:
+        recorder = GenerateRecorder(engine)
+        await asyncio.gather(*(engine.generate(score_request(i % 6, 4, round_work)) for i in range(8)))
+        assert [call.rows for call in recorder.calls] == [8, 8, 8, 8]
