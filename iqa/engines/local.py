@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 FALLBACK_MAX_NEW_TOKENS = 1024
 CLIENT_ACTIVE_S = 5.0
+ADAPTIVE_WAIT_SHARE = 0.2
+ADAPTIVE_WAIT_CAP_S = 0.1
 
 
 @dataclass
@@ -88,6 +90,8 @@ class LocalEngine:
         self._arrived = asyncio.Event()
         self.background_rows = max(1, max_batch_rows // 8)  # bounds how long a client waits for round work
         self._last_client_request = float("-inf")  # monotonic time of the last foreground request
+        self._last_batch_requests = 1  # client requests in the last client batch, and its duration
+        self._last_batch_seconds = 0.0
         self._generate_thread = ThreadPoolExecutor(1, thread_name_prefix="evoq-generate")
         self._swap_lock = asyncio.Lock()
         self._batcher: asyncio.Task | None = None
@@ -169,9 +173,15 @@ class LocalEngine:
             await self._arrived.wait()
         batch = [self._queue.get_nowait()]
         rows = batch[0].request.n
-        deadline = asyncio.get_running_loop().time() + self.batch_window
+        # Adaptive window: clients answered by the last batch come back staggered (upload, decode,
+        # storage), so while fewer requests than the last batch held are here, wait a little longer
+        # (a share of that batch's time, capped) instead of splitting them into small batches.
+        now = asyncio.get_running_loop().time
+        base_end = now() + self.batch_window
+        patient_end = base_end + min(ADAPTIVE_WAIT_CAP_S, ADAPTIVE_WAIT_SHARE * self._last_batch_seconds)
         while rows < self.max_batch_rows:
-            timeout = deadline - asyncio.get_running_loop().time()
+            end = base_end if len(batch) >= self._last_batch_requests else patient_end
+            timeout = end - now()
             try:
                 item = (
                     self._queue.get_nowait()
@@ -191,6 +201,7 @@ class LocalEngine:
             if not batch:
                 continue
             loaded = self._loaded  # the whole batch runs on one model version
+            started = time.monotonic()
             groups = itertools.groupby(
                 sorted(batch, key=lambda p: p.request.sampling.key()), key=lambda p: p.request.sampling
             )
@@ -214,6 +225,9 @@ class LocalEngine:
                 for pending, out in zip(group, texts, strict=True):
                     if not pending.future.done():
                         pending.future.set_result(GenerationResult(out, loaded.spec))
+            if not batch[0].request.sampling.background:
+                self._last_batch_requests = len(batch)
+                self._last_batch_seconds = time.monotonic() - started
 
     @staticmethod
     def _vocabulary(loaded: LoadedModel) -> _Vocabulary:
