@@ -7,6 +7,14 @@ from typing import Annotated
 
 import typer
 
+# Options shared by `evolve` and `eval`.
+MaxNewTokens = Annotated[int | None, typer.Option(help="Completion budget; default: the model's.")]
+Constrain = Annotated[
+    bool | None,
+    typer.Option("--constrain/--no-constrain", help="Force parsable answers; default: demo only."),
+]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
 app = typer.Typer(help="EvoQuality Service: self-improving image-quality assessment.", no_args_is_help=True)
 
 
@@ -68,15 +76,10 @@ def evolve(
     beta: Annotated[float, typer.Option(min=0.0, help="KL weight to the lineage's base model.")] = 0.05,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.9, help="Share of pairs kept for the gate.")] = 0.2,
     eval_samples: Annotated[int, typer.Option(min=1, help="Score samples per held-out image.")] = 4,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(help="Completion budget; default: the model's.")
-    ] = None,
-    constrain: Annotated[
-        bool | None,
-        typer.Option("--constrain/--no-constrain", help="Force parsable answers; default: demo only."),
-    ] = None,
+    max_new_tokens: MaxNewTokens = None,
+    constrain: Constrain = None,
     label_rule: Annotated[str, typer.Option(help="Pseudo-label: `hard` (paper) or `soft`.")] = "hard",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of round 1 (round t uses seed + t - 1).")] = 0,
 ) -> None:
     """Run T EvoQuality rounds on a folder of images: vote, train with GRPO, gate metrics, checkpoint."""
@@ -117,14 +120,9 @@ def evaluate(
     csv_file: Annotated[Path, typer.Option("--csv", help="CSV of (image path, mos); relative to the CSV.")],
     model: Annotated[str, typer.Option(help="Base folder, hub id or evolved checkpoint folder.")],
     samples: Annotated[int, typer.Option(min=1, help="Score samples per image (score = their mean).")] = 8,
-    max_new_tokens: Annotated[
-        int | None, typer.Option(help="Completion budget; default: the model's.")
-    ] = None,
-    constrain: Annotated[
-        bool | None,
-        typer.Option("--constrain/--no-constrain", help="Force parsable answers; default: demo only."),
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    max_new_tokens: MaxNewTokens = None,
+    constrain: Constrain = None,
+    device: Device = "auto",
 ) -> None:
     """Print PLCC, SRCC and KRCC between a model's scores and the MOS of a CSV."""
     from rich.console import Console

@@ -10,6 +10,7 @@ also swaps its own engine at once).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -180,8 +181,6 @@ def _validation_srcc(settings: Settings, model_path: str) -> float:
 
 def _store_labels(session: Session, round_id: int, result: RoundResult, sha_of: dict[str, int]) -> int:
     """Copy the round's voted pairs into `pseudo_labels` (train and hold-out)."""
-    import json
-
     rows = json.loads((result.path / "pseudo_labels.json").read_text())
     for row in rows:
         session.add(
