@@ -35,9 +35,22 @@ def serve(
 @app.command("demo-model")
 def demo_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model into.")],
-    seed: Annotated[int, typer.Option(help="Random seed of the weights.")] = 0,
+    seed: Annotated[int, typer.Option(help="Random seed of the weights (and of the organism's data).")] = 0,
+    organism: Annotated[
+        bool,
+        typer.Option(
+            "--organism",
+            help="Build the model organism instead: the tiny model with weak real quality perception from a "
+            "supervised warm-up on synthetic distortions (CPU, about 4 minutes; still a demo, not an IQA model).",
+        ),
+    ] = False,
 ) -> None:
     """Build the tiny untrained Qwen2.5-VL used by the demo and the tests (offline, about a second)."""
+    if organism:
+        from trainer.organism.build import Recipe, build_organism
+
+        typer.echo(build_organism(out_dir, Recipe(seed=seed), log=lambda line: typer.echo(line, err=True)))
+        return
     from iqa.demo_model import build_demo_model
 
     typer.echo(build_demo_model(out_dir, seed=seed))
@@ -79,6 +92,12 @@ def evolve(
     max_new_tokens: MaxNewTokens = None,
     constrain: Constrain = None,
     label_rule: Annotated[str, typer.Option(help="Pseudo-label: `hard` (paper) or `soft`.")] = "hard",
+    variants_per_image: Annotated[
+        int, typer.Option(min=0, help="Synthetic variants per image, paired with it (paper, round 2: 10).")
+    ] = 0,
+    variant_pairs: Annotated[
+        int | None, typer.Option(min=0, help="Same-reference pairs per round; default: as many as --pairs.")
+    ] = None,
     device: Device = "auto",
     seed: Annotated[int, typer.Option(help="Seed of round 1 (round t uses seed + t - 1).")] = 0,
 ) -> None:
@@ -109,6 +128,8 @@ def evolve(
         label_rule=label_rule,  # type: ignore[arg-type]
         device=device,
         seed=seed,
+        variants_per_image=variants_per_image,
+        variant_pairs=variant_pairs,
         train=train,
     )
     for result in run_evolve(images, model, out, rounds, config):

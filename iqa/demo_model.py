@@ -99,11 +99,14 @@ def _chat_template() -> str:
     return (Path(trl.__file__).parent / "chat_templates" / "qwen2_5_vl.jinja").read_text()
 
 
-def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
+def build_demo_model(
+    out_dir: str | Path, seed: int = 0, *, vision_window: int = 112, name: str = "demo (untrained)"
+) -> Path:
     """Write a tiny random Qwen2.5-VL (weights, tokenizer, processor, template) to `out_dir`.
 
     Deterministic for a given seed. Returns the folder. The folder also holds `evoq_demo.json`,
-    which is how the service knows to report the model as untrained.
+    which is how the service knows to report the model as untrained (not a real IQA model) and under
+    which `name`. `vision_window=224` makes a whole 224 x 224 image one attention window (faster).
     """
     import torch
     from transformers import (
@@ -137,7 +140,7 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
         "num_heads": 2,
         "out_hidden_size": 64,
         "fullatt_block_indexes": [1],
-        "window_size": 112,
+        "window_size": vision_window,
     }
     config = Qwen2_5_VLConfig(
         text_config=text_config,
@@ -170,7 +173,7 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
     (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
     (out / "chat_template.jinja").write_text(template)
     (out / DEMO_MARKER).write_text(
-        json.dumps({"name": "demo (untrained)", "untrained": True, "seed": seed}, indent=2)
+        json.dumps({"name": name, "untrained": True, "seed": seed}, indent=2)
     )
     return out
 
@@ -178,6 +181,17 @@ def build_demo_model(out_dir: str | Path, seed: int = 0) -> Path:
 def is_demo_model(model_dir: str | Path) -> bool:
     """True when the folder was written by `build_demo_model`."""
     return (Path(model_dir) / DEMO_MARKER).is_file()
+
+
+def demo_name(model_dir: str | Path) -> str | None:
+    """The name a demo folder is reported under (None when it is not a demo folder)."""
+    marker = Path(model_dir) / DEMO_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        return str(json.loads(marker.read_text())["name"])
+    except (ValueError, KeyError, TypeError):
+        return "demo (untrained)"
 
 
 def is_untrained(model_dir: str | Path) -> bool:

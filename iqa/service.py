@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from iqa import records, registry
 from iqa.db import check_database, make_engine, make_sessionmaker
-from iqa.demo_model import build_demo_model, is_demo_model, is_untrained
+from iqa.demo_model import build_demo_model, demo_name, is_demo_model, is_untrained
 from iqa.engines.base import Engine, ModelSpec, Sampling
 from iqa.images import DecodedImage, ImageRejected, check_content_type, decode_image
 from iqa.models import ModelVersion
@@ -92,7 +92,7 @@ def configured_model(settings: Settings) -> tuple[str, str, bool]:
             build_demo_model(folder)
         return DEMO_NAME, str(folder.resolve()), True
     untrained = Path(settings.model).is_dir() and is_untrained(settings.model)
-    default_name = DEMO_NAME if is_demo_model(settings.model) else settings.model
+    default_name = demo_name(settings.model) or settings.model
     return settings.model_name or default_name, settings.model, untrained
 
 

@@ -99,6 +99,13 @@ class Settings(BaseSettings):
     round_holdout_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of voted pairs kept out of training for the gate."
     )
+    round_variants_per_image: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Synthetic variants per pool image, paired with their reference (paper, round 2: 10); "
+        "0 = off.",
+    )
     gate_max_parse_failure: float = Field(0.1, ge=0, le=1, description="Gate: most unparsable answers.")
     gate_min_spread: float = Field(0.05, ge=0, description="Gate: least std of scores across images.")
     gate_agreement_tolerance: float = Field(

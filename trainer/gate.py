@@ -88,3 +88,17 @@ def judge(active: dict[str, float], candidate: dict[str, float], thresholds: Gat
         checks["srcc"] = {"active": base_srcc, "candidate": srcc}
 
     return GateVerdict(not reasons, reasons, checks)
+
+
+def gate_inputs(metrics: dict[str, Any]) -> dict[str, float]:
+    """The gate's inputs from a round manifest's `before` or `after` metrics (null becomes NaN)."""
+
+    def value(key: str) -> float:
+        v = metrics.get(key)
+        return math.nan if v is None else float(v)
+
+    return {
+        "agreement": value("holdout_agreement"),
+        "parse_failure_rate": value("parse_failure_rate"),
+        "spread": value("score_spread"),
+    }

@@ -5,6 +5,9 @@ sampler guarantees a minimum degree. The floor comes from a circulant graph over
 the images (the fewest pairs that can meet it: ceil(n*d/2)); the remaining pairs are drawn uniformly
 from those not yet chosen. Which image of a pair comes first is random too, so with an odd number of
 votes the extra first-shown vote favours no index.
+
+`sample_group_pairs` draws the same-reference pairs of the paper's round-2 option: pairs within a
+group (a reference image and its synthetic variants), spread over the groups.
 """
 
 from __future__ import annotations
@@ -74,6 +77,38 @@ def _add_random_pairs(chosen: set[frozenset[int]], n: int, extra: int, rng: rand
     every = (frozenset((i, j)) for i in range(n) for j in range(i + 1, n))
     remaining = [pair for pair in every if pair not in chosen]
     chosen.update(rng.sample(remaining, extra))
+
+
+def sample_group_pairs(groups: Sequence[Sequence[int]], n_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """n_pairs distinct pairs, each within one group, spread over the groups as evenly as possible.
+
+    The same-reference pairs of the round-2 option: a group is a reference image and its variants.
+    Groups are visited round-robin in a random order, each giving one of its not yet chosen pairs per
+    visit, so n_pairs below the number of groups reaches as many references as it can. Orientation is
+    random, as in `sample_pairs`.
+    """
+    if n_pairs < 0:
+        raise ValueError("n_pairs must not be negative")
+    rng = random.Random(seed)
+    candidates = []
+    for group in groups:
+        members = list(group)
+        within = [(members[a], members[b]) for a in range(len(members)) for b in range(a + 1, len(members))]
+        rng.shuffle(within)
+        if within:
+            candidates.append(within)
+    available = sum(len(within) for within in candidates)
+    if n_pairs > available:
+        raise ValueError(f"{n_pairs} pairs requested; the groups have only {available} pairs within them")
+    rng.shuffle(candidates)
+    pairs: list[tuple[int, int]] = []
+    visit = 0
+    while len(pairs) < n_pairs:
+        for within in candidates:
+            if visit < len(within) and len(pairs) < n_pairs:
+                pairs.append(within[visit])
+        visit += 1
+    return [(i, j) if rng.random() < 0.5 else (j, i) for i, j in pairs]
 
 
 def split_holdout(pairs: Sequence[T], fraction: float, seed: int) -> tuple[list[T], list[T]]:

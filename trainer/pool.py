@@ -43,7 +43,7 @@ class Pool:
     root: Path
     ids: list[str]
     paths: list[Path]
-    images: list[Image.Image]
+    images: Sequence[Image.Image]  # in memory; a round's variants are read from their files
     rejected: dict[str, str] = field(default_factory=dict)  # id -> why it was left out
 
     def __len__(self) -> int:
@@ -53,7 +53,8 @@ class Pool:
 def load_pool(root: Path, max_pixels: int, paths: Sequence[Path] | None = None) -> Pool:
     """Decode every image under `root` (or the given files); unusable files are reported, not fatal."""
     files = list_images(root) if paths is None else list(paths)
-    pool = Pool(root, [], [], [])
+    images: list[Image.Image] = []
+    pool = Pool(root, [], [], images)
     for path in files:
         image_id = path.relative_to(root).as_posix() if path.is_relative_to(root) else str(path)
         try:
@@ -63,5 +64,5 @@ def load_pool(root: Path, max_pixels: int, paths: Sequence[Path] | None = None) 
             continue
         pool.ids.append(image_id)
         pool.paths.append(path.resolve())
-        pool.images.append(image)
+        images.append(image)
     return pool

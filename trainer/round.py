@@ -5,6 +5,10 @@ on vLLM); GRPO runs in a spawned child process that gets only plain data (image 
 settings), so every byte it allocated goes back to the system when it exits; the new model is then
 scored on the held-out pairs beside the old one. The version folder is published only once all of
 that succeeded. `progress(stage, done, total)` reports each stage so a caller can show or persist it.
+
+With `variants_per_image` (the paper's round-2 option) the pool also gets synthetic variants, written
+into the version folder (`trainer.variants`), and same-reference pairs join the random ones; both
+kinds are voted, split, trained on and gated alike.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import math
 import multiprocessing
 import queue
+import random
 import resource
 import shutil
 import statistics
@@ -34,8 +39,9 @@ from trainer import checkpoint
 from trainer.checkpoint import ModelSource
 from trainer.grpo import TrainJob, TrainSettings
 from trainer.metrics import parse_failure_rate, pseudo_label_agreement, score_spread
-from trainer.pairs import sample_pairs, split_holdout
+from trainer.pairs import sample_group_pairs, sample_pairs, split_holdout
 from trainer.pool import Pool, load_pool
+from trainer.variants import VARIANTS_DIR, add_variants
 from trainer.voting import LabelRule, PairLabel, VotingResult, vote_pairs
 
 Progress = Callable[[str, int, int], None]
@@ -61,6 +67,14 @@ class RoundConfig:
     max_pixels: int = 1280 * 28 * 28
     device: str = "auto"
     seed: int = 0
+    # The paper's round-2 option: random synthetic variants of every pool image (paper: 10), and
+    # `variant_pairs` pairs within each reference's group (None: as many as `pairs`, capped at what exists),
+    # voted like the random pairs. 0 variants: off.
+    variants_per_image: int = 0
+    variant_pairs: int | None = None
+    # Experiments only: train on the pseudo-labels permuted across the training pairs, which keeps
+    # their distribution and breaks their link to the images (the control of `bench/organism.py`).
+    shuffle_labels: bool = False
     train: TrainSettings = field(default_factory=TrainSettings)
 
 
@@ -221,10 +235,18 @@ def _degree(n_images: int, n_pairs: int, wanted: int) -> int:
     return max(0, min(wanted, n_images - 1, (2 * n_pairs) // max(1, n_images)))
 
 
-def _label_stats(voting: VotingResult, train: list[PairLabel], holdout: list[PairLabel], config: RoundConfig):
+def _label_stats(
+    voting: VotingResult,
+    train: list[PairLabel],
+    holdout: list[PairLabel],
+    config: RoundConfig,
+    pair_kinds: list[str],
+):
     margins = [label.margin for label in voting.labels]
     return {
         "pairs": len(voting.labels),
+        "random_pairs": pair_kinds.count("random"),
+        "variant_pairs": pair_kinds.count("same-reference"),
         "votes_per_pair": config.votes,
         "votes": voting.votes,
         "invalid_votes": voting.invalid_votes,
@@ -271,33 +293,52 @@ async def run_round(
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    async with opener(parent.spec()) as engine:
-        voting = await vote_pairs(
-            engine,
-            pool.images,
-            pairs,
-            config.votes,
-            _sampling(config, constrain, "vote"),
-            config.profile,
-            config.concurrency,
-            lambda done, total: report("voting", done, total),
-            rule=config.label_rule,
-            min_margin=config.min_margin,
-        )
-        timings["voting_s"] = time.perf_counter() - started
-        train_part, holdout_part = split_holdout(range(len(voting.labels)), config.holdout, config.seed)
-        split = {k: "holdout" for k in holdout_part}
-        split |= {k: "train" for k in train_part if voting.labels[k].margin >= config.min_margin}
-        train = [voting.labels[k] for k in train_part if split.get(k) == "train"]
-        holdout = [voting.labels[k] for k in holdout_part]
-        if not train:
-            raise ValueError("no training pairs left after the hold-out split and the margin filter")
-        before = await _score_holdout(engine, pool, holdout, config, constrain, "scoring-before", report)
-        timings["scoring_before_s"] = time.perf_counter() - started - timings["voting_s"]
-
     version = checkpoint.next_version(out_dir)
     staging = checkpoint.staging_dir(out_dir, version)
     try:  # a failed round leaves no half-written version behind
+        groups: list[list[int]] = []
+        if config.variants_per_image:
+            # Written into the version folder: the trainer loads them by path, and the version keeps them.
+            pool, groups = await asyncio.to_thread(
+                add_variants,
+                pool,
+                config.variants_per_image,
+                config.seed,
+                staging / VARIANTS_DIR,
+                lambda done, total: report("variants", done, total),
+            )
+        timings["variants_s"] = time.perf_counter() - started
+        wanted = config.pairs if config.variant_pairs is None else config.variant_pairs
+        n_variant_pairs = min(wanted, sum(len(g) * (len(g) - 1) // 2 for g in groups))
+        pairs = pairs + sample_group_pairs(groups, n_variant_pairs, config.seed)
+        pair_kinds = ["random"] * n_pairs + ["same-reference"] * n_variant_pairs
+
+        mark = time.perf_counter()
+        async with opener(parent.spec()) as engine:
+            voting = await vote_pairs(
+                engine,
+                pool.images,
+                pairs,
+                config.votes,
+                _sampling(config, constrain, "vote"),
+                config.profile,
+                config.concurrency,
+                lambda done, total: report("voting", done, total),
+                rule=config.label_rule,
+                min_margin=config.min_margin,
+            )
+            timings["voting_s"] = time.perf_counter() - mark
+            train_part, holdout_part = split_holdout(range(len(voting.labels)), config.holdout, config.seed)
+            split = {k: "holdout" for k in holdout_part}
+            split |= {k: "train" for k in train_part if voting.labels[k].margin >= config.min_margin}
+            train = [voting.labels[k] for k in train_part if split.get(k) == "train"]
+            holdout = [voting.labels[k] for k in holdout_part]
+            if not train:
+                raise ValueError("no training pairs left after the hold-out split and the margin filter")
+            mark = time.perf_counter()
+            before = await _score_holdout(engine, pool, holdout, config, constrain, "scoring-before", report)
+            timings["scoring_before_s"] = time.perf_counter() - mark
+
         settings = replace(
             config.train,
             seed=config.seed,
@@ -310,7 +351,7 @@ async def run_round(
             parent=parent,
             image_ids=pool.ids,
             image_paths=[str(p) for p in pool.paths],
-            preferences=[(pool.ids[label.i], pool.ids[label.j], label.p_star) for label in train],
+            preferences=_training_preferences(pool, train, config),
             settings=settings,
             output_dir=str(staging),
             profile=config.profile,
@@ -362,20 +403,24 @@ async def run_round(
                 "train": asdict(settings),
                 "pairs_used": n_pairs,
                 "min_degree_used": degree,
+                "variant_pairs_used": n_variant_pairs,
             },
             "pool": {
                 "root": str(pool.root),
                 "images": n,
                 "rejected": len(pool.rejected),
                 "rejected_files": pool.rejected,
+                "variants": len(pool) - n,
+                # relative to the version folder; `variants.json` there lists each variant's reference
+                "variants_dir": VARIANTS_DIR if groups else None,
             },
-            "pseudo_labels": _label_stats(voting, train, holdout, config),
+            "pseudo_labels": _label_stats(voting, train, holdout, config, pair_kinds),
             "training": training,
             "metrics": {"before": before, "after": after},
             "timings": timings,
         }
         checkpoint.write_manifest(staging, manifest)
-        _write_labels(staging, pool, voting, split)
+        _write_labels(staging, pool, voting, split, pair_kinds)
         path = checkpoint.publish(staging, out_dir, version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -393,9 +438,11 @@ async def _score_holdout(
     report: Progress,
 ) -> dict[str, Any]:
     indices = sorted({index for label in holdout for index in (label.i, label.j)})
+    # In a thread: variant images are read from their files (the engine may be serving clients).
+    images = await asyncio.to_thread(lambda: [pool.images[k] for k in indices])
     results = await score_images(
         engine,
-        [pool.images[k] for k in indices],
+        images,
         config.eval_samples,
         _sampling(config, constrain, "score"),
         config.profile,
@@ -405,11 +452,32 @@ async def _score_holdout(
     return {"model": engine.active.name, **gate_metrics(dict(zip(indices, results, strict=True)), holdout)}
 
 
-def _write_labels(folder: Path, pool: Pool, voting: VotingResult, split: dict[int, str]) -> None:
-    """The voted pairs beside the weights, by image id, so a round can be audited or reused."""
+def _training_preferences(
+    pool: Pool, train: list[PairLabel], config: RoundConfig
+) -> list[tuple[str, str, float]]:
+    """(image i, image j, p*) of the training pairs; with `shuffle_labels`, p* permuted across pairs."""
+    p_stars = [label.p_star for label in train]
+    if config.shuffle_labels:
+        random.Random(config.seed).shuffle(p_stars)
+    return [(pool.ids[label.i], pool.ids[label.j], p) for label, p in zip(train, p_stars, strict=True)]
+
+
+def _write_labels(
+    folder: Path, pool: Pool, voting: VotingResult, split: dict[int, str], pair_kinds: list[str]
+) -> None:
+    """The voted pairs beside the weights, by image id, so a round can be audited or reused.
+
+    `kind` is `random` (two pool images) or `same-reference` (an image and a variant, or two variants).
+    """
     rows = [
-        {"image_i": pool.ids[label.i], "image_j": pool.ids[label.j], "split": split.get(k, "dropped"), **row}
-        for k, (label, row) in enumerate(zip(voting.labels, voting.to_rows(), strict=True))
+        {
+            "image_i": pool.ids[label.i],
+            "image_j": pool.ids[label.j],
+            "kind": kind,
+            "split": split.get(k, "dropped"),
+            **row,
+        }
+        for k, (label, row, kind) in enumerate(zip(voting.labels, voting.to_rows(), pair_kinds, strict=True))
     ]
     (folder / "pseudo_labels.json").write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -148,7 +148,9 @@ async def vote_pairs(
     async def vote(index: int, i: int, j: int) -> None:
         nonlocal done
         async with semaphore:
-            result = await compare_images(engine, images[i], images[j], votes_per_pair, sampling, profile)
+            # Fetched in a thread: a round's variant images are read from their files on access.
+            first, second = await asyncio.to_thread(lambda: (images[i], images[j]))
+            result = await compare_images(engine, first, second, votes_per_pair, sampling, profile)
         labels[index] = make_label(i, j, result.votes_a, result.votes_b, result.invalid, rule)
         done += 1
         if progress is not None:

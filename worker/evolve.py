@@ -31,7 +31,7 @@ from iqa.models import EvolutionRound, Image, ModelVersion, PseudoLabel
 from iqa.settings import Settings
 from iqa.store import ImageStore
 from trainer import checkpoint
-from trainer.gate import GateThresholds, GateVerdict, judge
+from trainer.gate import GateThresholds, GateVerdict, gate_inputs, judge
 from trainer.grpo import TrainSettings
 from trainer.pool import load_pool
 from trainer.round import RoundConfig, RoundResult, local_engine, run_round
@@ -45,6 +45,7 @@ Activate = Callable[[ModelSpec], Awaitable[None]]
 HEARTBEAT_S = 5.0
 # trainer.round stage -> round state
 _STATES = {
+    "variants": "voting",  # making the round-2 variants, before the votes
     "voting": "voting",
     "scoring-before": "voting",
     "training": "training",
@@ -67,6 +68,8 @@ def round_config(settings: Settings, overrides: dict[str, Any]) -> RoundConfig:
         "method": settings.round_method,
         "learning_rate": settings.round_learning_rate,
         "holdout_fraction": settings.round_holdout_fraction,
+        "variants_per_image": settings.round_variants_per_image,
+        "variant_pairs": None,
         "seed": 0,
         **overrides,
     }
@@ -89,6 +92,8 @@ def round_config(settings: Settings, overrides: dict[str, Any]) -> RoundConfig:
         max_pixels=settings.model_max_pixels,
         device=settings.device,
         seed=value["seed"],
+        variants_per_image=value["variants_per_image"],
+        variant_pairs=value["variant_pairs"],
         train=train,
     )
 
@@ -148,20 +153,6 @@ class _Heartbeat:
         self.thread.join()
 
 
-def _gate_inputs(metrics: dict[str, Any]) -> dict[str, float]:
-    nan = float("nan")
-
-    def value(key: str) -> float:
-        v = metrics.get(key)
-        return nan if v is None else float(v)
-
-    return {
-        "agreement": value("holdout_agreement"),
-        "parse_failure_rate": value("parse_failure_rate"),
-        "spread": value("score_spread"),
-    }
-
-
 def _validation_srcc(settings: Settings, model_path: str) -> float:
     from trainer.cli import evaluate_csv
 
@@ -180,8 +171,14 @@ def _validation_srcc(settings: Settings, model_path: str) -> float:
 
 
 def _store_labels(session: Session, round_id: int, result: RoundResult, sha_of: dict[str, int]) -> int:
-    """Copy the round's voted pairs into `pseudo_labels` (train and hold-out)."""
-    rows = json.loads((result.path / "pseudo_labels.json").read_text())
+    """Copy the round's voted pairs between logged images into `pseudo_labels` (train and hold-out).
+
+    Same-reference pairs are skipped: each holds a synthetic variant, which is no client image and has
+    no `images` row to refer to. They stay in the version's `pseudo_labels.json` with every other pair.
+    """
+    rows = [
+        row for row in json.loads((result.path / "pseudo_labels.json").read_text()) if row["kind"] == "random"
+    ]
     for row in rows:
         session.add(
             PseudoLabel(
@@ -321,8 +318,8 @@ async def _execute(
 async def _judge(settings: Settings, parent: ModelSpec, result: RoundResult) -> GateVerdict:
     """The gate on the round's before/after metrics (and the validation CSV when configured)."""
     metrics = result.manifest["metrics"]
-    active_metrics = _gate_inputs(metrics["before"])
-    candidate_metrics = _gate_inputs(metrics["after"])
+    active_metrics = gate_inputs(metrics["before"])
+    candidate_metrics = gate_inputs(metrics["after"])
     if settings.validation_csv is not None:
         active_metrics["srcc"] = await asyncio.to_thread(_validation_srcc, settings, parent.path)
         candidate_metrics["srcc"] = await asyncio.to_thread(_validation_srcc, settings, str(result.path))

@@ -34,6 +34,12 @@ class RoundRequest(BaseModel):
     learning_rate: float | None = Field(None, gt=0, le=1, description="Learning rate.")
     max_images: int | None = Field(None, ge=4, description="Most logged images in the pool (newest first).")
     holdout_fraction: float | None = Field(None, ge=0, lt=1, description="Pairs kept out for the gate.")
+    variants_per_image: int | None = Field(
+        None, ge=0, le=64, description="Synthetic variants per pool image (paper, round 2: 10); 0 = off."
+    )
+    variant_pairs: int | None = Field(
+        None, ge=0, le=1_000_000, description="Same-reference pairs to vote on; default: as many as `pairs`."
+    )
     seed: int | None = Field(None, description="Seed for pair sampling and training.")
 
 

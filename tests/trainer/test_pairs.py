@@ -1,4 +1,5 @@
-"""Pair sampling: degree floor, no self or duplicate pairs, reproducible, impossible inputs refused."""
+"""Pair sampling: degree floor, no self or duplicate pairs, reproducible, impossible inputs refused;
+same-reference pairs within groups."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.pairs import sample_pairs, split_holdout
+from trainer.pairs import sample_group_pairs, sample_pairs, split_holdout
 
 
 def check_pairs(pairs: list[tuple[int, int]], n: int, m: int, d: int) -> None:
@@ -97,3 +98,28 @@ def test_split_holdout_edges() -> None:
     for fraction in (-0.1, 1.0):
         with pytest.raises(ValueError, match="holdout fraction"):
             split_holdout([(0, 1)], fraction, seed=0)
+
+
+def test_group_pairs_stay_in_their_group_spread_over_groups_and_reproduce() -> None:
+    groups = [[r, 10 + 3 * r, 11 + 3 * r, 12 + 3 * r] for r in range(10)]  # a reference, 3 variants
+    group_of = {member: g for g, members in enumerate(groups) for member in members}
+    pairs = sample_group_pairs(groups, 25, seed=4)
+    assert len(pairs) == 25 and len({frozenset(p) for p in pairs}) == 25
+    assert all(i != j and group_of[i] == group_of[j] for i, j in pairs)
+    per_group = Counter(group_of[i] for i, _ in pairs)
+    assert sorted(per_group.values()) == [2] * 5 + [3] * 5  # round-robin: as even as it gets
+    assert len({group_of[i] for i, _ in sample_group_pairs(groups, 7, seed=4)}) == 7  # 7 references
+    assert 0 < sum(i < j for i, j in pairs) < 25  # either image may come first
+    assert sample_group_pairs(groups, 25, seed=4) == pairs
+    assert sample_group_pairs(groups, 25, seed=5) != pairs
+
+
+def test_group_pairs_are_capped_by_the_groups() -> None:
+    groups = [[0], [1, 2], [3, 4, 5]]  # 0 + 1 + 3 pairs within the groups
+    every = sample_group_pairs(groups, 4, seed=0)
+    assert {frozenset(p) for p in every} == {frozenset(p) for p in [(1, 2), (3, 4), (3, 5), (4, 5)]}
+    assert sample_group_pairs([], 0, seed=0) == []
+    with pytest.raises(ValueError, match="only 4 pairs"):
+        sample_group_pairs(groups, 5, seed=0)
+    with pytest.raises(ValueError, match="must not be negative"):
+        sample_group_pairs(groups, -1, seed=0)

@@ -16,6 +16,7 @@ from iqa.demo_model import build_demo_model
 from iqa.engines.base import GenerationRequest, GenerationResult, ModelSpec
 from iqa.prompts import prompt_set
 from iqa.scoring import ScoreResult
+from tests.imagegen import photo
 from trainer import checkpoint
 from trainer.checkpoint import resolve_model
 from trainer.grpo import TrainSettings
@@ -108,6 +109,56 @@ def test_a_round_through_the_engine_interface_publishes_a_complete_version(
     source = resolve_model(result.path)
     assert (source.kind, source.version, source.root) == ("lora", 1, str(demo.resolve()))
     assert source.spec().base_path == str(demo.resolve())
+
+
+def test_a_round_with_variants_votes_and_trains_on_same_reference_pairs(demo: Path, tmp_path: Path) -> None:
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    for k in range(4):
+        photo(64, 48, seed=k).save(pool_dir / f"p{k}.png")
+    config = RoundConfig(
+        pairs=4,
+        votes=2,
+        holdout=0.25,
+        eval_samples=1,
+        max_new_tokens=16,
+        device="cpu",
+        variants_per_image=2,
+        variant_pairs=4,
+        train=TrainSettings(generations=2, steps=1, images_per_step=2, learning_rate=1e-3),
+    )
+    # The demo model votes, is trained and scored: the default local engine, no script.
+    result = asyncio.run(run_round(demo, pool_dir, tmp_path / "out", config))
+
+    manifest = result.manifest
+    assert manifest["pool"]["images"] == 4 and manifest["pool"]["variants"] == 8
+    assert manifest["settings"]["variants_per_image"] == 2 and manifest["settings"]["variant_pairs_used"] == 4
+    labels = manifest["pseudo_labels"]
+    assert (labels["pairs"], labels["random_pairs"], labels["variant_pairs"]) == (8, 4, 4)
+
+    folder = result.path / manifest["pool"]["variants_dir"]
+    index = json.loads((folder / "variants.json").read_text())
+    assert sorted(v["id"] for v in index) == sorted(f"p{k}.png#v0{m}" for k in range(4) for m in (1, 2))
+    for variant in index:
+        assert variant["id"].startswith(variant["reference"] + "#")
+        with Image.open(folder / variant["file"]) as image:  # kept with the version, at the pool's size
+            assert image.format == "PNG" and image.size == (64, 48)
+
+    rows = json.loads((result.path / "pseudo_labels.json").read_text())
+    same = [row for row in rows if row["kind"] == "same-reference"]
+    assert len(same) == 4 and sum(row["kind"] == "random" for row in rows) == 4
+    for row in rows:
+        assert row["votes_i"] + row["votes_j"] + row["invalid"] == config.votes
+        references = {row["image_i"].split("#")[0], row["image_j"].split("#")[0]}
+        variants = ("#" in row["image_i"]) + ("#" in row["image_j"])
+        if row["kind"] == "same-reference":
+            assert len(references) == 1 and variants >= 1
+        else:
+            assert len(references) == 2 and variants == 0  # random pairs join original images only
+    # The training process loaded every image of the training pairs by path, variants included.
+    trained = {row[key] for row in rows if row["split"] == "train" for key in ("image_i", "image_j")}
+    assert any("#" in image for image in trained)
+    assert manifest["training"]["train_images"] == len(trained)
 
 
 def test_a_failing_training_process_raises_and_leaves_no_version(demo: Path, tmp_path: Path) -> None:

@@ -1,0 +1,368 @@
+"""Model-organism benchmark: do label-free EvoQuality rounds raise agreement with true quality?
+
+`.venv/bin/python bench/organism.py --out DIR` builds (or reuses) the organism base for each seed, writes
+an unlabeled round pool, runs T rounds (default 2) with `trainer.round.run_round`, the code the service
+runs, and the same rounds with the pseudo-labels shuffled (the control), and reports per round:
+PLCC / SRCC / KRCC on the held-out split and on the ten reserved photos (deterministic expected scores,
+with 95% intervals from resampling references), the accuracy of the pseudo-labels and of single votes
+against the true order (read only for this report), and the gate's verdict. Layout:
+`DIR/seed<S>/{base, pool, v001, v002, control/v001, ...}`, `DIR/report.md`, `DIR/organism.png`,
+`DIR/results.json`. The last line printed is
+`organism: SRCC base X -> round 1 Y -> round 2 Z; control W` (means over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from trainer.grpo import TrainSettings  # noqa: E402
+from trainer.round import RoundConfig, run_round  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-control", action="store_true", help="skip the shuffled-label control")
+    parser.add_argument("--rebuild", action="store_true", help="build the bases again even if present")
+    parser.add_argument("--pool-references", type=int, default=48)
+    parser.add_argument("--pool-per-reference", type=int, default=6)
+    parser.add_argument("--heldout-scenes", type=int, default=20, help="procedural held-out references")
+    parser.add_argument("--vote-pairs", type=int, default=300, help="held-out pairs for vote accuracy")
+    parser.add_argument("--pairs", type=int, default=256, help="M")
+    parser.add_argument("--votes", type=int, default=16, help="K")
+    parser.add_argument("--generations", type=int, default=8, help="G")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--images-per-step", type=int, default=8)
+    parser.add_argument("--method", choices=["lora", "full"], default="lora")
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--beta", type=float, default=0.05)
+    parser.add_argument("--variants-per-image", type=int, default=0, help="the paper's round-2 option")
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    return parser.parse_args(argv)
+
+
+def round_config(args: argparse.Namespace, seed: int) -> RoundConfig:
+    """The round settings of the bench (recorded in each version's manifest)."""
+    config = RoundConfig(
+        pairs=args.pairs,
+        votes=args.votes,
+        eval_samples=4,
+        seed=seed,
+        device="cpu",
+        train=TrainSettings(
+            generations=args.generations,
+            steps=args.steps,
+            images_per_step=args.images_per_step,
+            learning_rate=args.learning_rate,
+            lora=args.method == "lora",
+            beta=args.beta,
+        ),
+    )
+    if args.variants_per_image:
+        config = replace(config, variants_per_image=args.variants_per_image)  # type: ignore[call-arg]
+    return config
+
+
+def write_pool(folder: Path, samples: list, seed: int) -> dict[str, float]:
+    """Pool images under anonymous names in a shuffled order; returns the truth (kept out of the round)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    order = np.random.default_rng(seed).permutation(len(samples))
+    truth = {}
+    for name_index, k in enumerate(order):
+        name = f"img{name_index:04d}.png"
+        if not (folder / name).is_file():
+            samples[k].image.save(folder / name)
+        truth[name] = samples[k].mos
+    return truth
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from trainer.cli import quiet_libraries
+    from trainer.gate import GateThresholds, gate_inputs, judge
+    from trainer.organism.build import RECIPE_FILE, Recipe, build_organism
+    from trainer.organism.data import heldout_split, pool_split, reserved_split
+    from trainer.organism.measure import (
+        bootstrap,
+        evaluate_split,
+        load_reader,
+        pseudo_label_accuracy,
+        true_pairs,
+    )
+
+    quiet_libraries()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    heldout = heldout_split(args.heldout_scenes)
+    reserved = reserved_split()
+    heldout_pairs = true_pairs(heldout, args.vote_pairs, seed=1)
+    reserved_pairs = true_pairs(reserved, args.vote_pairs, seed=2)
+    print(f"held-out: {len(heldout)} images; reserved photos: {len(reserved)} images", flush=True)
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
+    started = time.perf_counter()
+
+    def evaluate(model: Path) -> dict[str, Any]:
+        reader = load_reader(model)
+        held = evaluate_split(reader, heldout, heldout_pairs)
+        res = evaluate_split(reader, reserved, reserved_pairs)
+        return {
+            "heldout": {**held.correlations, "by_kind": held.by_kind, "vote_accuracy": held.vote_accuracy},
+            "reserved": {**res.correlations, "vote_accuracy": res.vote_accuracy},
+            "scores": held.scores,
+            "reserved_scores": res.scores,
+        }
+
+    for seed in args.seeds:
+        folder = out / f"seed{seed}"
+        base = folder / "base"
+        recipe = Recipe(seed=seed)
+        built = (
+            json.loads((base / RECIPE_FILE).read_text())["recipe"] if (base / RECIPE_FILE).is_file() else None
+        )
+        if args.rebuild or built != asdict(recipe):
+            build_organism(base, recipe, log=lambda line, s=seed: print(f"  [seed {s}] {line}", flush=True))
+        build_s = json.loads((base / RECIPE_FILE).read_text())["timings"]["total_s"]
+        pool = pool_split(args.pool_references, args.pool_per_reference, seed)
+        truth = write_pool(folder / "pool", pool, seed)
+        seed_started = time.perf_counter()
+        models: dict[str, dict[str, Any]] = {"base": {"path": str(base), **evaluate(base)}}
+        print(f"[seed {seed}] base: {_line(models['base'])}", flush=True)
+        for arm, shuffle in (("organism", False), ("control", True)):
+            if shuffle and args.no_control:
+                continue
+            parent = base
+            for t in range(1, args.rounds + 1):
+                config = replace(round_config(args, seed * 100 + t), shuffle_labels=shuffle)
+                target = folder if arm == "organism" else folder / "control"
+                result = asyncio.run(run_round(parent, folder / "pool", target, config))
+                rows = json.loads((result.path / "pseudo_labels.json").read_text())
+                metrics = result.manifest["metrics"]
+                verdict = judge(
+                    gate_inputs(metrics["before"]), gate_inputs(metrics["after"]), GateThresholds()
+                )
+                name = f"{arm} r{t}"
+                models[name] = {
+                    "path": str(result.path),
+                    **evaluate(result.path),
+                    "labels": pseudo_label_accuracy(rows, truth),
+                    "gate": verdict.to_dict(),
+                    "gate_metrics": {"before": metrics["before"], "after": metrics["after"]},
+                    "training": {
+                        k: result.manifest["training"].get(k)
+                        for k in ("reward_first", "reward_last", "kl_last", "parse_failure_rate", "steps")
+                    },
+                    "timings": result.manifest["timings"],
+                }
+                print(f"[seed {seed}] {name}: {_line(models[name])}", flush=True)
+                parent = result.path
+        names = list(models)
+        intervals = bootstrap(heldout, {n: models[n]["scores"] for n in names}, "base", args.bootstrap, seed)
+        reserved_intervals = bootstrap(
+            reserved, {n: models[n]["reserved_scores"] for n in names}, "base", args.bootstrap, seed
+        )
+        for n in names:
+            models[n]["heldout"]["ci"] = intervals[n]
+            models[n]["reserved"]["ci"] = reserved_intervals[n]
+        results["seeds"][str(seed)] = {
+            "build_s": build_s,
+            "rounds_and_evaluations_s": time.perf_counter() - seed_started,
+            "models": models,
+        }
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+
+    results["total_s"] = time.perf_counter() - started
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
+    report = write_report(out, results, args)
+    plot(out, results, args)
+    print(report)
+    print(summary_line(results, args))
+
+
+def _line(model: dict[str, Any]) -> str:
+    held, res = model["heldout"], model["reserved"]
+    text = (
+        f"held-out SRCC {held['srcc']:.3f} PLCC {held['plcc']:.3f} vote acc {held['vote_accuracy']:.3f}; "
+        f"reserved SRCC {res['srcc']:.3f}"
+    )
+    if "labels" in model:
+        labels = model["labels"]
+        text += (
+            f"; pseudo-labels right {labels['label_accuracy']:.3f}, single votes "
+            f"{labels['single_vote_accuracy']:.3f}; gate {'pass' if model['gate']['passed'] else 'refuse'}"
+        )
+    return text
+
+
+def _series(results: dict[str, Any], name: str, split: str, metric: str) -> list[float]:
+    return [
+        seed["models"][name][split][metric] for seed in results["seeds"].values() if name in seed["models"]
+    ]
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.3f}"
+
+
+def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -> str:
+    """report.md: per seed, every model with intervals; then means over seeds."""
+    lines = [
+        "# Model organism: EvoQuality rounds against true quality",
+        "",
+        f"Settings: {json.dumps(results['args'])}",
+        "",
+        "Scores are deterministic expected scores (answer-digit distribution after a think-free prefix);",
+        "intervals are 95% bootstrap intervals over references, the change from the base on the same draw.",
+        "",
+    ]
+    for seed, record in results["seeds"].items():
+        lines += [
+            f"## Seed {seed} (base built in {record['build_s']:.0f} s; rounds and evaluations "
+            f"{record['rounds_and_evaluations_s']:.0f} s)",
+            "",
+            "| model | held-out PLCC | SRCC [95%] | ΔSRCC vs base [95%] | KRCC | vote acc | reserved SRCC "
+            "[95%] | pseudo-label acc | single-vote acc | gate |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, m in record["models"].items():
+            h, r, ci, rci = m["heldout"], m["reserved"], m["heldout"]["ci"], m["reserved"]["ci"]
+            labels = m.get("labels")
+            gate = m.get("gate")
+            lines.append(
+                f"| {name} | {h['plcc']:.3f} | {h['srcc']:.3f} [{ci['srcc_lo']:.3f}, {ci['srcc_hi']:.3f}] | "
+                + (
+                    "-"
+                    if name == "base"
+                    else f"{h['srcc'] - record['models']['base']['heldout']['srcc']:+.3f} "
+                    f"[{ci['dsrcc_lo']:+.3f}, {ci['dsrcc_hi']:+.3f}]"
+                )
+                + f" | {h['krcc']:.3f} | {h['vote_accuracy']:.3f} | {r['srcc']:.3f} [{rci['srcc_lo']:.3f}, "
+                f"{rci['srcc_hi']:.3f}] | "
+                + (f"{labels['label_accuracy']:.3f} ({labels['decided_pairs']})" if labels else "-")
+                + " | "
+                + (f"{labels['single_vote_accuracy']:.3f}" if labels else "-")
+                + " | "
+                + (
+                    "-"
+                    if gate is None
+                    else ("pass" if gate["passed"] else "refuse: " + "; ".join(gate["reasons"]))
+                )
+                + " |"
+            )
+        per_kind = record["models"]["base"]["heldout"]["by_kind"]
+        lines += [
+            "",
+            "Base SRCC per distortion type: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()),
+            "",
+        ]
+    names = ["base"] + [f"organism r{t}" for t in range(1, args.rounds + 1)]
+    if not args.no_control:
+        names += [f"control r{t}" for t in range(1, args.rounds + 1)]
+    lines += [
+        "## Over seeds (mean ± sd)",
+        "",
+        "| model | held-out SRCC | held-out PLCC | reserved SRCC | vote acc | pseudo-label acc "
+        "| single-vote acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        labels = [
+            s["models"][name]["labels"]
+            for s in results["seeds"].values()
+            if "labels" in s["models"].get(name, {})
+        ]
+        lines.append(
+            f"| {name} | {_mean_sd(_series(results, name, 'heldout', 'srcc'))} | "
+            f"{_mean_sd(_series(results, name, 'heldout', 'plcc'))} | "
+            f"{_mean_sd(_series(results, name, 'reserved', 'srcc'))} | "
+            f"{_mean_sd(_series(results, name, 'heldout', 'vote_accuracy'))} | "
+            f"{_mean_sd([x['label_accuracy'] for x in labels])} | "
+            f"{_mean_sd([x['single_vote_accuracy'] for x in labels])} |"
+        )
+    base_plcc = _series(results, "base", "heldout", "plcc")
+    last = f"organism r{args.rounds}"
+    last_plcc = _series(results, last, "heldout", "plcc")
+    if base_plcc and last_plcc:
+        gains = [100 * (b - a) / abs(a) for a, b in zip(base_plcc, last_plcc, strict=True)]
+        lines += [
+            "",
+            f"PLCC change base -> round {args.rounds}: {_mean_sd(gains)} % (per seed: "
+            + ", ".join(f"{g:+.1f}%" for g in gains)
+            + ")",
+        ]
+    text = "\n".join(lines) + "\n"
+    (out / "report.md").write_text(text)
+    return text
+
+
+def plot(out: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
+    """organism.png: held-out SRCC by round (organism vs control, each seed and the mean), and the
+    pseudo-label and single-vote accuracy by round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = list(range(args.rounds + 1))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for arm, colour in (("organism", "tab:blue"), ("control", "tab:grey")):
+        if arm == "control" and args.no_control:
+            continue
+        names = ["base"] + [f"{arm} r{t}" for t in rounds[1:]]
+        per_seed = [[s["models"][n]["heldout"]["srcc"] for n in names] for s in results["seeds"].values()]
+        for series in per_seed:
+            left.plot(rounds, series, color=colour, alpha=0.3, linewidth=1)
+        label = "EvoQuality rounds" if arm == "organism" else "control (shuffled pseudo-labels)"
+        left.plot(rounds, np.mean(per_seed, 0), color=colour, linewidth=2.5, marker="o", label=label)
+    left.set_xticks(rounds, ["base"] + [f"round {t}" for t in rounds[1:]])
+    left.set_ylabel("held-out SRCC (expected score)")
+    left.set_title("Agreement with true quality")
+    left.legend()
+    for key, colour, label in (
+        ("label_accuracy", "tab:green", "majority pseudo-label"),
+        ("single_vote_accuracy", "tab:orange", "single vote"),
+    ):
+        per_seed = [
+            [s["models"][f"organism r{t}"]["labels"][key] for t in rounds[1:]]
+            for s in results["seeds"].values()
+        ]
+        right.plot(rounds[1:], np.mean(per_seed, 0), color=colour, marker="o", linewidth=2, label=label)
+        for series in per_seed:
+            right.plot(rounds[1:], series, color=colour, alpha=0.3, linewidth=1)
+    right.set_xticks(rounds[1:], [f"round {t}" for t in rounds[1:]])
+    right.set_ylabel("accuracy against the true order")
+    right.set_title("Pool pairs: votes of the round's voting model")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(out / "organism.png", dpi=110)
+
+
+def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
+    """`organism: SRCC base X -> round 1 Y -> round 2 Z; control W` (means over seeds)."""
+    parts = [f"base {np.mean(_series(results, 'base', 'heldout', 'srcc')):.3f}"]
+    parts += [
+        f"round {t} {np.mean(_series(results, f'organism r{t}', 'heldout', 'srcc')):.3f}"
+        for t in range(1, args.rounds + 1)
+    ]
+    control = _series(results, f"control r{args.rounds}", "heldout", "srcc")
+    tail = f"; control {np.mean(control):.3f}" if control else ""
+    return "organism: SRCC " + " -> ".join(parts) + tail
+
+
+if __name__ == "__main__":
+    main()

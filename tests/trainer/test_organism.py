@@ -1,0 +1,163 @@
+"""The model organism: its data splits, its deterministic reader, its builder, and a short round on it.
+
+The SRCC claims live in `bench/organism.py` (they need minutes and several seeds); here every check is
+exact or has a wide margin: splits share no reference, distortions are graded, the reader gives the
+same numbers twice, the builder is deterministic, and a round fits the pseudo-labels it trained on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.distortions import DISTORTIONS, LEVELS, distort
+from trainer.grpo import TrainSettings
+from trainer.organism.build import ORGANISM_NAME, RECIPE_FILE, Recipe, build_organism
+from trainer.organism.data import (
+    RESERVED_PHOTOS,
+    SPLIT_PHOTOS,
+    heldout_split,
+    mos_of,
+    pool_split,
+    procedural_scene,
+    reserved_split,
+    warmup_split,
+)
+from trainer.organism.measure import load_reader, pseudo_label_accuracy
+from trainer.round import RoundConfig, run_round
+
+MINI = Recipe(warmup_sources=48, images_per_source=6, head_steps=150, steps=80)
+
+
+def _photo_names(samples) -> set[str]:
+    return {s.reference.split("@")[0] for s in samples}
+
+
+def test_splits_share_no_reference_and_never_hold_a_reserved_photo() -> None:
+    warmup, pool, heldout = warmup_split(60, 2, seed=0), pool_split(12, 3, seed=0), heldout_split(2)
+    refs = [{s.reference for s in split} for split in (warmup, pool, heldout)]
+    assert not refs[0] & refs[1] and not refs[0] & refs[2] and not refs[1] & refs[2]
+    for split in (warmup, pool, heldout):
+        assert not _photo_names(split) & set(RESERVED_PHOTOS)
+    assert set(SPLIT_PHOTOS["heldout"]) <= _photo_names(heldout)
+    assert _photo_names(reserved_split()) == set(RESERVED_PHOTOS)
+    # Every photo of a split is in no other split.
+    names = [set(v) for v in SPLIT_PHOTOS.values()]
+    assert sum(len(n) for n in names) == len(set().union(*names))
+
+
+def test_heldout_is_fully_crossed_with_the_true_mos() -> None:
+    heldout = heldout_split(1)
+    per_reference = 1 + len(DISTORTIONS) * len(LEVELS)
+    assert len(heldout) == per_reference * (len(SPLIT_PHOTOS["heldout"]) + 1)
+    assert {(s.kind, s.level) for s in heldout if s.level} == {(k, lv) for k in DISTORTIONS for lv in LEVELS}
+    assert all(s.mos == mos_of(s.level) for s in heldout)
+    assert all(s.image.size == (224, 224) for s in heldout)
+
+
+def _laplacian_energy(image) -> float:
+    g = np.asarray(image.convert("L"), dtype=np.float64)
+    return float(np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]).mean())
+
+
+def test_distortions_are_graded_and_reproducible() -> None:
+    scene = procedural_scene(5)
+    detail = [_laplacian_energy(distort(scene, "blur", level)) for level in LEVELS]
+    assert detail == sorted(detail, reverse=True)  # more blur, less fine detail
+    noise = [_laplacian_energy(distort(scene, "noise", level, seed=1)) for level in LEVELS]
+    assert noise == sorted(noise)
+    brightness = [np.asarray(distort(scene, "dark", level)).mean() for level in LEVELS]
+    assert brightness == sorted(brightness, reverse=True)
+    contrast = [np.asarray(distort(scene, "contrast", level).convert("L")).std() for level in LEVELS]
+    assert contrast == sorted(contrast, reverse=True)
+    for kind in DISTORTIONS:
+        first, again = distort(scene, kind, 3, seed=9), distort(scene, kind, 3, seed=9)
+        assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert np.array_equal(np.asarray(distort(scene, "jpeg", 0)), np.asarray(scene))
+    with pytest.raises(ValueError):
+        distort(scene, "sepia", 1)
+
+
+def test_the_builder_is_deterministic_and_writes_a_demo_folder(tmp_path: Path) -> None:
+    tiny = Recipe(
+        warmup_sources=4,
+        images_per_source=2,
+        head_steps=3,
+        head_batch=4,
+        steps=3,
+        score_batch=4,
+        compare_batch=2,
+    )
+    first = build_organism(tmp_path / "a", tiny, log=lambda line: None)
+    second = build_organism(tmp_path / "b", tiny, log=lambda line: None)
+    a, b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    marker = json.loads((first / "evoq_demo.json").read_text())
+    assert marker["name"] == ORGANISM_NAME and marker["untrained"] is True
+    assert json.loads((first / RECIPE_FILE).read_text())["recipe"]["steps"] == 3
+    config = json.loads((first / "config.json").read_text())
+    assert config["vision_config"]["window_size"] == 224
+
+
+@pytest.fixture(scope="module")
+def mini_organism(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small organism (about 20 s): enough perception for a round to have something to sharpen."""
+    return build_organism(tmp_path_factory.mktemp("organism") / "base", MINI, log=lambda line: None)
+
+
+def test_the_reader_is_deterministic_and_its_comparisons_are_order_symmetric(mini_organism: Path) -> None:
+    reader = load_reader(mini_organism)
+    images = [s.image for s in heldout_split(0)[:24:3]]
+    scores = reader.expected_scores(images)
+    assert scores == reader.expected_scores(images)
+    assert all(1.0 <= s <= 5.0 for s in scores)
+    pairs = list(itertools.pairwise(images))
+    forward = reader.first_better(pairs)
+    backward = reader.first_better([(b, a) for a, b in pairs])
+    assert np.allclose(np.array(forward) + np.array(backward), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_short_round_fits_the_pseudo_labels_it_trained_on(mini_organism: Path, tmp_path: Path) -> None:
+    """The round's own training pairs, read deterministically before and after: agreement must rise."""
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    samples = pool_split(8, 4, seed=3)
+    for k, sample in enumerate(samples):
+        sample.image.save(pool_dir / f"img{k:03d}.png")
+    truth = {f"img{k:03d}.png": s.mos for k, s in enumerate(samples)}
+    config = RoundConfig(
+        pairs=48,
+        votes=6,
+        eval_samples=2,
+        seed=1,
+        device="cpu",
+        train=TrainSettings(generations=4, steps=12, images_per_step=8, learning_rate=2e-3),
+    )
+    result = asyncio.run(run_round(mini_organism, pool_dir, tmp_path / "out", config))
+    rows = json.loads((result.path / "pseudo_labels.json").read_text())
+    train = [r for r in rows if r["split"] == "train" and r["p_star"] != 0.5]
+    assert len(train) >= 20
+
+    def agreement(model: Path) -> float:
+        reader = load_reader(model)
+        ids = sorted({r[key] for r in train for key in ("image_i", "image_j")})
+        scores = dict(
+            zip(ids, reader.expected_scores([samples[int(i[3:6])].image for i in ids]), strict=True)
+        )
+        return float(
+            np.mean([(scores[r["image_i"]] > scores[r["image_j"]]) == (r["p_star"] > 0.5) for r in train])
+        )
+
+    before, after = agreement(mini_organism), agreement(result.path)
+    assert after >= before + 0.1, (before, after)
+    assert result.manifest["training"]["lone_images"] == 0
+    # The votes came from a model that perceives: its majority beats a coin on the true order.
+    assert pseudo_label_accuracy(rows, truth)["label_accuracy"] > 0.5
