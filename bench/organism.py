@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.rebuild or built != asdict(recipe):
             build_organism(base, recipe, log=lambda line, s=seed: print(f"  [seed {s}] {line}", flush=True))
         build_s = json.loads((base / RECIPE_FILE).read_text())["timings"]["total_s"]
+        for old in [*folder.glob("v[0-9][0-9][0-9]*"), folder / "control"]:  # a previous run's rounds
+            shutil.rmtree(old, ignore_errors=True)
         pool = pool_split(args.pool_references, args.pool_per_reference, seed)
         truth = write_pool(folder / "pool", pool, seed)
         seed_started = time.perf_counter()

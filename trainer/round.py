@@ -17,6 +17,7 @@ import asyncio
 import json
 import math
 import multiprocessing
+import os
 import queue
 import random
 import resource
@@ -170,7 +171,25 @@ def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 
 
-def _child_main(job: TrainJob, messages: Any) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the trainer is killed when the process that started it dies, so a killed round (or bench)
+    never leaves an orphaned training running for minutes. Elsewhere a no-op."""
+    import ctypes
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def _child_main(job: TrainJob, messages: Any, parent_pid: int) -> None:
     """Entry point of the training process: report steps, then the stats or the traceback.
 
     It runs at the lowest CPU priority, so on a machine that also serves requests (the embedded
@@ -179,6 +198,7 @@ def _child_main(job: TrainJob, messages: Any) -> None:
     import os
     import warnings
 
+    _die_with_parent(parent_pid)
     os.nice(19)
 
     from transformers.utils import logging as hf_logging
@@ -201,7 +221,7 @@ def train_in_child(job: TrainJob, progress: Progress | None = None) -> dict[str,
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     # Not a daemon, so the trainer may start processes of its own; it is killed below if we fail.
-    process = context.Process(target=_child_main, args=(job, messages), name="evoq-grpo")
+    process = context.Process(target=_child_main, args=(job, messages, os.getpid()), name="evoq-grpo")
     process.start()
     outcome: tuple[str, Any] | None = None
     try:
