@@ -40,8 +40,8 @@ def demo_model(
         bool,
         typer.Option(
             "--organism",
-            help="Build the model organism instead: the tiny model with weak real quality perception from a "
-            "supervised warm-up on synthetic distortions (CPU, about 4 minutes; still a demo, not an IQA model).",
+            help="Build the model organism instead: the tiny model with weak real quality perception "
+            "from a supervised warm-up on synthetic distortions (CPU, about 4 minutes; still a demo).",
         ),
     ] = False,
 ) -> None:

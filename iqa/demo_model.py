@@ -172,9 +172,7 @@ def build_demo_model(
     processor_config = {"processor_class": "Qwen2_5_VLProcessor"}
     (out / "processor_config.json").write_text(json.dumps(processor_config, indent=2))
     (out / "chat_template.jinja").write_text(template)
-    (out / DEMO_MARKER).write_text(
-        json.dumps({"name": name, "untrained": True, "seed": seed}, indent=2)
-    )
+    (out / DEMO_MARKER).write_text(json.dumps({"name": name, "untrained": True, "seed": seed}, indent=2))
     return out
 
 
