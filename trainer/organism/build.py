@@ -138,7 +138,7 @@ def _stage_a(model: Any, data: _Encoded, recipe: Recipe, rng: np.random.Generato
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 250 == 0:
             log(f"stage A step {step + 1}/{recipe.head_steps}: loss {np.mean(losses[-250:]):.3f}")
     return losses
@@ -270,7 +270,7 @@ def _stage_b(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if (step + 1) % 50 == 0:
             log(f"stage B step {step + 1}/{recipe.steps}: loss {np.mean(losses[-50:]):.3f}")
     return losses
