@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from iqa import records, registry, rounds
+from iqa import registry, rounds
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines.base import Engine, GenerationRequest, GenerationResult, ModelSpec
-from iqa.images import decode_image
 from iqa.models import EvolutionRound, ModelVersion
 from iqa.settings import Settings
 from iqa.store import ImageStore
-from tests import imagegen
+from tests.worker.conftest import log_photos
 from tests.worker.test_inprocess_rounds import TINY_ROUND
 from trainer.round import local_engine
 from worker.evolve import execute_round
@@ -61,15 +60,7 @@ def test_a_broken_candidate_is_rejected(
     )
     sessions = make_sessionmaker(make_engine(url))
     store = ImageStore(tmp_path / "images")
-    with sessions.begin() as session:
-        for seed in range(6):
-            decoded = decode_image(
-                imagegen.encode(imagegen.photo(64, 48, seed=seed), "PNG"),
-                max_bytes=10**7,
-                max_pixels=10**7,
-                min_side=8,
-            )
-            records.upsert_image(session, decoded, store.put(decoded.data).key, "score")
+    log_photos(sessions, store, 6)
     with sessions() as session:
         base = registry.ensure_base_version(session, "demo (untrained)", str(demo_model_dir), True)
         round_id = rounds.create_round(session, "manual", {"seed": 0}, base.id).id

@@ -15,14 +15,13 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from api.routers.admin import RoundRequest
-from iqa import records, registry, rounds
+from iqa import registry, rounds
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines.base import Engine, ModelSpec
-from iqa.images import decode_image
 from iqa.models import EvolutionRound, Image, ModelVersion, PseudoLabel
 from iqa.settings import Settings
 from iqa.store import ImageStore
-from tests import imagegen
+from tests.worker.conftest import log_photos
 from tests.worker.test_inprocess_rounds import TINY_ROUND
 from trainer.round import local_engine
 from worker.evolve import execute_round
@@ -44,15 +43,7 @@ def test_admin_variant_override_reaches_the_round_and_variants_stay_out_of_the_d
     assert settings.round_variants_per_image == 0  # off unless asked for
     sessions = make_sessionmaker(make_engine(url))
     store = ImageStore(tmp_path / "images")
-    with sessions.begin() as session:
-        for seed in range(5):
-            decoded = decode_image(
-                imagegen.encode(imagegen.photo(64, 48, seed=seed), "PNG"),
-                max_bytes=10**7,
-                max_pixels=10**7,
-                min_side=8,
-            )
-            records.upsert_image(session, decoded, store.put(decoded.data).key, "score")
+    log_photos(sessions, store, 5)
     stored_files = sorted(store.root.rglob("*"))
     # What the admin route stores for POST /admin/evolutions {"variants_per_image": 1, "variant_pairs": 2}.
     overrides = RoundRequest(variants_per_image=1, variant_pairs=2, seed=0).model_dump(exclude_none=True)

@@ -72,7 +72,6 @@ class Recipe:
     # Score targets are mos + this x the reference's warmth: the absolute ratings of the warm-up are
     # confounded with content, its pairwise judgements are not (see the module docstring).
     score_content_bias: float = 3.0
-    vote_label_flip: float = 0.0  # share of compare targets flipped
     threads: int = 2
 
 
@@ -252,8 +251,6 @@ def _stage_b(
         ids = vote.ids.repeat(len(first), 1)
         for row, (a, b) in enumerate(zip(first, second, strict=True)):
             answer = 0 if samples[a].mos > samples[b].mos else 1
-            if recipe.vote_label_flip and rng.random() < recipe.vote_label_flip:
-                answer = 1 - answer
             ids[row, vote.digit_positions[0]] = digit_ids[answer]
         pair_pixels = torch.stack([data.pixels[first], data.pixels[second]], 1).flatten(0, 2).float()
         logits = model(
