@@ -17,8 +17,8 @@ from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines import build_engine
 from iqa.service import IQAService, register_configured_model
 from iqa.settings import Settings, get_settings
+from trainer.lifecycle import start_scheduled_round
 from worker.dispatch import CeleryDispatcher, InProcessDispatcher, RoundDispatcher
-from worker.schedule import start_scheduled_round
 
 log = logging.getLogger(__name__)
 

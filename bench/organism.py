@@ -28,8 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from trainer.grpo import TrainSettings  # noqa: E402
-from trainer.round import RoundConfig, run_round  # noqa: E402
+from trainer.config import RoundConfig, TrainSettings  # noqa: E402
+from trainer.round import run_round  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--votes", type=int, default=16, help="K")
     parser.add_argument("--generations", type=int, default=8, help="G")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eval-samples", type=int, default=16, help="samples per held-out image")
+    parser.add_argument("--holdout", type=float, default=0.3, help="share of voted pairs kept for the gate")
     parser.add_argument("--images-per-step", type=int, default=8)
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
@@ -61,7 +63,8 @@ def round_config(args: argparse.Namespace, seed: int) -> RoundConfig:
     config = RoundConfig(
         pairs=args.pairs,
         votes=args.votes,
-        eval_samples=4,
+        eval_samples=args.eval_samples,
+        holdout=args.holdout,
         seed=seed,
         device="cpu",
         train=TrainSettings(
@@ -205,7 +208,9 @@ def _line(model: dict[str, Any]) -> str:
         labels = model["labels"]
         text += (
             f"; pseudo-labels right {labels['label_accuracy']:.3f}, single votes "
-            f"{labels['single_vote_accuracy']:.3f}; gate {'pass' if model['gate']['passed'] else 'refuse'}"
+            f"{labels['single_vote_accuracy']:.3f}; gate {'pass' if model['gate']['passed'] else 'refuse'} "
+            f"(held-out agreement {model['gate']['checks']['agreement']['active']:.3f} -> "
+            f"{model['gate']['checks']['agreement']['candidate']:.3f})"
         )
     return text
 

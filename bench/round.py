@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from iqa.demo_model import build_demo_model
     from trainer.cli import quiet_libraries
-    from trainer.grpo import TrainSettings
-    from trainer.round import RoundConfig, peak_rss_mb, run_round
+    from trainer.config import RoundConfig, TrainSettings
+    from trainer.round import peak_rss_mb, run_round
 
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="evoq-bench-round-") as tmp:

@@ -103,8 +103,7 @@ def evolve(
 ) -> None:
     """Run T EvoQuality rounds on a folder of images: vote, train with GRPO, gate metrics, checkpoint."""
     from trainer.cli import evolve as run_evolve
-    from trainer.grpo import TrainSettings
-    from trainer.round import RoundConfig
+    from trainer.config import RoundConfig, TrainSettings
 
     if label_rule not in ("hard", "soft"):
         raise typer.BadParameter("label-rule must be `hard` or `soft`")
@@ -117,6 +116,7 @@ def evolve(
         lora_alpha=2 * lora_rank,
         learning_rate=learning_rate,
         beta=beta,
+        device=device,
     )
     config = RoundConfig(
         pairs=pairs,

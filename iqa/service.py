@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine as DBEngine
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,6 +29,9 @@ from iqa.models import ModelVersion
 from iqa.scoring import compare_images, score_image
 from iqa.settings import Settings
 from iqa.store import ImageStore
+
+if TYPE_CHECKING:
+    from iqa.engines.vllm import StagedModel
 
 log = logging.getLogger(__name__)
 
@@ -318,11 +322,15 @@ class IQAService:
             log.info("now serving model version %s", wanted.name)
             return True
 
-    async def activate_version(self, version: ModelSpec) -> None:
-        """Load `version` here, then mark it active for every process (a version that fails to load
-        raises and changes nothing). Holds the same lock as the follower, so the two never race."""
+    async def activate_version(self, version: ModelSpec, staged: StagedModel | None = None) -> None:
+        """Load `version` here (or promote it from where a round `staged` it on the vLLM engine), then
+        mark it active for every process (a version that fails to load raises and changes nothing).
+        Holds the same lock as the follower, so the two never race."""
         async with self._activation_lock:
-            await self.engine.activate(version)
+            if staged is not None:
+                await staged.engine.promote(staged, version)
+            else:
+                await self.engine.activate(version)
 
             def mark() -> None:
                 with self.sessions() as session:

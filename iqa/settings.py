@@ -71,6 +71,20 @@ class Settings(BaseSettings):
         "inprocess", description="`inprocess` (embedded, no broker) or `celery` (workers on Redis)."
     )
     broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis).")
+    rounds_scheduled: bool = Field(
+        True, description="Whether the schedule starts rounds by itself; admin-triggered rounds always run."
+    )
+    round_vllm_url: str | None = Field(
+        None,
+        description="With the vllm engine: a vLLM server for round work (votes, held-out scores); "
+        "default: the serving one, at background priority.",
+    )
+    train_device: str | None = Field(
+        None, description="Torch device of the training process (e.g. cuda:1); default: `device`."
+    )
+    train_report_to: str = Field(
+        "none", description="Trackers TRL reports training metrics to (tensorboard, wandb, ...); none = off."
+    )
     checkpoints_dir: Path | None = Field(
         None, description="Where round checkpoints go; default `<data_dir>/checkpoints`."
     )
@@ -94,6 +108,12 @@ class Settings(BaseSettings):
     round_votes: int = Field(8, ge=2, le=64, description="Votes per pair, K (paper: 32).")
     round_generations: int = Field(8, ge=2, le=64, description="GRPO group size, G (paper: 32).")
     round_steps: int = Field(100, ge=1, description="GRPO optimiser steps per round.")
+    round_images_per_step: int = Field(
+        4, ge=2, description="Images per GRPO step (whole pairs; paper: 4 per GPU)."
+    )
+    round_eval_samples: int = Field(
+        8, ge=1, le=64, description="Score samples per held-out image when the gate compares models."
+    )
     round_method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tuning.")
     round_learning_rate: float = Field(1e-5, gt=0, description="GRPO learning rate (paper, full FT: 3e-7).")
     round_holdout_fraction: float = Field(
@@ -108,8 +128,12 @@ class Settings(BaseSettings):
     )
     gate_max_parse_failure: float = Field(0.1, ge=0, le=1, description="Gate: most unparsable answers.")
     gate_min_spread: float = Field(0.05, ge=0, description="Gate: least std of scores across images.")
-    gate_agreement_tolerance: float = Field(
-        0.0, ge=0, le=1, description="Gate: how far held-out agreement may fall."
+    gate_min_agreement_gain: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="Gate: held-out agreement must rise by more than this "
+        "(0: it must rise; -0.05: it may fall by 0.05).",
     )
     validation_csv: Path | None = Field(
         None, description="Optional CSV (image path, mos): the gate then also requires SRCC not to drop."

@@ -1,4 +1,4 @@
-"""The round state machine in the database (iqa.rounds), on SQLite and PostgreSQL."""
+"""The round state machine in the database (trainer.lifecycle), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from datetime import timedelta
 
 import pytest
 
-from iqa import rounds
 from iqa.db import make_engine, make_sessionmaker
 from iqa.models import EvolutionRound, Image, utcnow
+from trainer import lifecycle as rounds
+from trainer.config import RoundOverrides
 
 
 @pytest.fixture
@@ -20,20 +21,20 @@ def sessions(database_url: str):
 
 def test_only_one_round_at_a_time_and_the_lock_is_released_when_it_ends(sessions) -> None:
     with sessions() as session:
-        first = rounds.create_round(session, "manual", {"pairs": 4}, None)
+        first = rounds.create_round(session, "manual", RoundOverrides(pairs=4), None)
         with pytest.raises(rounds.RoundConflict, match=f"round {first.id} is queued"):
-            rounds.create_round(session, "schedule", {}, None)
+            rounds.create_round(session, "schedule", RoundOverrides(), None)
         assert rounds.current_round(session).id == first.id
         rounds.advance(session, first.id, "voting", worker="host:1")
         rounds.finish(session, first.id, "succeeded")
         assert rounds.current_round(session) is None
-        second = rounds.create_round(session, "manual", {}, None)
+        second = rounds.create_round(session, "manual", RoundOverrides(), None)
         assert second.id != first.id and second.lock == 1
 
 
 def test_states_only_move_forward_and_record_progress(sessions) -> None:
     with sessions() as session:
-        round_ = rounds.create_round(session, "manual", {}, None)
+        round_ = rounds.create_round(session, "manual", RoundOverrides(), None)
         rounds.advance(session, round_.id, "voting", worker="host:7")
         assert rounds.report_progress(session, round_.id, 3, 10) is True
         row = session.get_one(EvolutionRound, round_.id, populate_existing=True)
@@ -51,9 +52,9 @@ def test_states_only_move_forward_and_record_progress(sessions) -> None:
 
 def test_cancel_a_queued_round_at_once_and_a_running_one_at_its_next_step(sessions) -> None:
     with sessions() as session:
-        queued = rounds.create_round(session, "manual", {}, None)
+        queued = rounds.create_round(session, "manual", RoundOverrides(), None)
         assert rounds.request_cancel(session, queued.id).state == "cancelled"
-        running = rounds.create_round(session, "manual", {}, None)
+        running = rounds.create_round(session, "manual", RoundOverrides(), None)
         rounds.advance(session, running.id, "voting")
         assert rounds.request_cancel(session, running.id).state == "voting"
         assert rounds.report_progress(session, running.id, 1, 2) is False
@@ -64,7 +65,7 @@ def test_cancel_a_queued_round_at_once_and_a_running_one_at_its_next_step(sessio
 
 def test_a_round_whose_worker_died_is_failed_and_frees_the_lock(sessions) -> None:
     with sessions() as session:
-        round_ = rounds.create_round(session, "manual", {}, None)
+        round_ = rounds.create_round(session, "manual", RoundOverrides(), None)
         rounds.advance(session, round_.id, "training", worker="host:99")
         assert rounds.reap_stale_rounds(session, timedelta(minutes=5)) == []
         row = session.get_one(EvolutionRound, round_.id)
@@ -74,7 +75,7 @@ def test_a_round_whose_worker_died_is_failed_and_frees_the_lock(sessions) -> Non
         row = session.get_one(EvolutionRound, round_.id, populate_existing=True)
         assert row.state == "failed" and row.lock is None
         assert "host:99 stopped reporting during training" in row.error
-        assert rounds.create_round(session, "manual", {}, None).lock == 1
+        assert rounds.create_round(session, "manual", RoundOverrides(), None).lock == 1
 
 
 def test_new_images_are_counted_since_the_last_round(sessions) -> None:
@@ -96,7 +97,7 @@ def test_new_images_are_counted_since_the_last_round(sessions) -> None:
         add_image(session, 1)
         add_image(session, 2)
         assert rounds.images_since_last_round(session) == 2
-        round_ = rounds.create_round(session, "schedule", {}, None)
+        round_ = rounds.create_round(session, "schedule", RoundOverrides(), None)
         rounds.finish(session, round_.id, "succeeded")
         assert rounds.images_since_last_round(session) == 0
         add_image(session, 3)

@@ -19,9 +19,10 @@ from rich.table import Table
 from iqa.engines.base import Sampling
 from iqa.settings import PromptProfile
 from trainer.checkpoint import resolve_model
+from trainer.config import RoundConfig
 from trainer.metrics import correlations
 from trainer.pool import load_image, load_pool
-from trainer.round import RoundConfig, RoundResult, local_engine, run_round, score_images
+from trainer.round import RoundResult, local_engine, run_round, score_images
 
 console = Console(stderr=True)
 

@@ -30,7 +30,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from iqa.engines.hf_loading import load_processor, resolve_device, resolve_dtype
 from iqa.prompts import parse_score, prompt_set
 from iqa.settings import PromptProfile
 from trainer.batching import PairAwareSampler
-from trainer.checkpoint import ModelSource
+from trainer.config import TrainJob
 from trainer.pool import load_image
 from trainer.reward import completion_text, make_fidelity_reward
 
@@ -55,50 +54,6 @@ LORA_TARGET_MODULES = (
     r"^(?!.*\b(?:visual|vision_tower|vision_model)\b).*\."
     r"(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 )
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """GRPO settings of a round. None means: chosen from the model and device (see each field)."""
-
-    generations: int = 4  # G, rollouts per image (paper: 32)
-    steps: int = 16  # optimizer steps
-    images_per_step: int = 4  # images per generation batch, whole pairs (paper: 4 per GPU)
-    micro_batches: int = 1  # gradient accumulation: split a step's B*G rows into this many passes
-    learning_rate: float | None = None  # None: 1e-5 for LoRA, the paper's 3e-7 for full fine-tuning
-    beta: float = 0.05
-    epsilon: float = 0.2
-    loss_type: str = "grpo"
-    temperature: float = 1.0
-    max_completion_length: int | None = None  # None: the model's max_new_tokens, else 1024
-    lora: bool = True
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    gradient_checkpointing: bool | None = None  # None: on for GPU, off for CPU
-    constrain_answers: bool | None = None  # None: on for the untrained demo lineage only
-    device: str = "auto"
-    seed: int = 0
-
-    def resolved_learning_rate(self) -> float:
-        """The learning rate actually used."""
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return 1e-5 if self.lora else 3e-7
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """Everything the training process needs, as plain picklable data."""
-
-    parent: ModelSource
-    image_ids: list[str]
-    image_paths: list[str]
-    preferences: list[tuple[str, str, float]]  # p*(first, second) of the training pairs
-    settings: TrainSettings
-    output_dir: str  # weights are saved here
-    profile: PromptProfile = "evoquality"
-    max_pixels: int = 1280 * 28 * 28
 
 
 class EvoQualityGRPOTrainer(GRPOTrainer):
@@ -307,7 +262,7 @@ def build_trainer(
         use_vllm=False,
         logging_steps=1,
         save_strategy="no",
-        report_to="none",
+        report_to=s.report_to,
         disable_tqdm=True,
         seed=s.seed,
         dataloader_num_workers=0,

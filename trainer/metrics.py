@@ -57,6 +57,25 @@ def pseudo_label_agreement(scores: Mapping[Hashable, float | None], labels: Sequ
     return credit / counted if counted else math.nan
 
 
+def soft_pseudo_label_agreement(
+    samples: Mapping[Hashable, Sequence[float]], labels: Sequence[PairLabel]
+) -> float:
+    """Mean, over decided held-out pairs, of the chance that a sampled score of the preferred image
+    beats one of the other (a tie counts half): agreement read from every sample, not just the means,
+    so it moves smoothly where two means are close. NaN when no pair has parsed samples on both sides.
+    """
+    credit: list[float] = []
+    for label in labels:
+        a, b = samples.get(label.i) or [], samples.get(label.j) or []
+        if label.tie or not a or not b:
+            continue
+        if label.votes_j > label.votes_i:
+            a, b = b, a
+        diff = np.subtract.outer(np.asarray(a, dtype=float), np.asarray(b, dtype=float))
+        credit.append(float((diff > 0).mean() + 0.5 * (diff == 0).mean()))
+    return statistics.fmean(credit) if credit else math.nan
+
+
 def parse_failure_rate(n_invalid: int, n_total: int) -> float:
     """Share of unparsable completions; NaN when there were none at all."""
     if not 0 <= n_invalid <= n_total:

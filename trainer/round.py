@@ -27,9 +27,9 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -38,45 +38,31 @@ from iqa.scoring import ScoreResult, score_image
 from iqa.settings import PromptProfile
 from trainer import checkpoint
 from trainer.checkpoint import ModelSource
-from trainer.grpo import TrainJob, TrainSettings
-from trainer.metrics import parse_failure_rate, pseudo_label_agreement, score_spread
+from trainer.config import RoundConfig, TrainJob
+from trainer.metrics import (
+    parse_failure_rate,
+    pseudo_label_agreement,
+    score_spread,
+    soft_pseudo_label_agreement,
+)
 from trainer.pairs import sample_group_pairs, sample_pairs, split_holdout
 from trainer.pool import Pool, load_pool
 from trainer.variants import VARIANTS_DIR, add_variants
-from trainer.voting import LabelRule, PairLabel, VotingResult, vote_pairs
+from trainer.voting import PairLabel, VotingResult, vote_pairs
 
 Progress = Callable[[str, int, int], None]
-OpenEngine = Callable[[ModelSpec], AbstractAsyncContextManager[Engine]]
 
 
-@dataclass(frozen=True)
-class RoundConfig:
-    """Settings of one round; `train` holds the GRPO ones. Recorded in the manifest as given."""
+class RoundEngines(Protocol):
+    """Where a round's model work goes: the parent votes and is scored, then the candidate is scored."""
 
-    pairs: int = 128  # M (paper: 20,000); capped at the number of distinct pairs
-    votes: int = 8  # K per pair (paper: 32)
-    min_degree: int = 2  # each image in at least this many pairs (lowered when M is too small)
-    holdout: float = 0.2  # share of pairs kept out of training to judge the new model
-    label_rule: LabelRule = "hard"
-    min_margin: float = 0.0
-    eval_samples: int = 4  # score samples per held-out image, for the gate metrics
-    temperature: float = 1.0
-    max_new_tokens: int | None = None  # completion budget for votes, scores and rollouts
-    constrain_answers: bool | None = None  # None: on for the untrained demo lineage only
-    concurrency: int = 16
-    profile: PromptProfile = "evoquality"
-    max_pixels: int = 1280 * 28 * 28
-    device: str = "auto"
-    seed: int = 0
-    # The paper's round-2 option: random synthetic variants of every pool image (paper: 10), and
-    # `variant_pairs` pairs within each reference's group (None: as many as `pairs`, capped at what exists),
-    # voted like the random pairs. 0 variants: off.
-    variants_per_image: int = 0
-    variant_pairs: int | None = None
-    # Experiments only: train on the pseudo-labels permuted across the training pairs, which keeps
-    # their distribution and breaks their link to the images (the control of `bench/organism.py`).
-    shuffle_labels: bool = False
-    train: TrainSettings = field(default_factory=TrainSettings)
+    def parent(self, spec: ModelSpec) -> AbstractAsyncContextManager[Engine]:
+        """A started engine answering with the parent `spec`."""
+        ...
+
+    def candidate(self, spec: ModelSpec) -> AbstractAsyncContextManager[Engine]:
+        """A started engine answering with the trained candidate `spec` (not registered anywhere yet)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -86,6 +72,7 @@ class RoundResult:
     path: Path
     model: ModelSource
     manifest: dict[str, Any]
+    labels: list[dict[str, Any]]  # the voted pairs by image id, as in `pseudo_labels.json`
 
 
 class TrainingFailed(RuntimeError):
@@ -109,6 +96,21 @@ async def local_engine(
         yield engine
     finally:
         await engine.close()
+
+
+@dataclass(frozen=True)
+class LocalEngines:
+    """The default `RoundEngines`: an in-process engine per stage, closed after it, so no model is held
+    in this process while the child trains."""
+
+    profile: PromptProfile = "evoquality"
+    device: str = "auto"
+    max_pixels: int = 1280 * 28 * 28
+
+    def parent(self, spec: ModelSpec) -> AbstractAsyncContextManager[Engine]:
+        return local_engine(spec, profile=self.profile, device=self.device, max_pixels=self.max_pixels)
+
+    candidate = parent
 
 
 def _sampling(config: RoundConfig, constrain: bool, kind: str) -> Sampling:
@@ -149,12 +151,14 @@ async def score_images(
 def gate_metrics(scores: dict[int, ScoreResult], holdout: Sequence[PairLabel]) -> dict[str, Any]:
     """The label-free checks of a model on the held-out pairs: agreement, parse failures, spread."""
     means = {index: result.score for index, result in scores.items()}
+    parsed = {index: [v for v in result.scores if v is not None] for index, result in scores.items()}
     samples = sum(result.samples for result in scores.values())
     invalid = samples - sum(result.valid for result in scores.values())
     valid_means = [m for m in means.values() if m is not None]
     return _json_safe(
         {
             "holdout_agreement": pseudo_label_agreement(means, holdout),
+            "holdout_soft_agreement": soft_pseudo_label_agreement(parsed, holdout),
             "parse_failure_rate": parse_failure_rate(invalid, samples),
             "score_spread": score_spread(means),
             "mean_score": statistics.fmean(valid_means) if valid_means else math.nan,
@@ -286,13 +290,12 @@ async def run_round(
     out_dir: Path,
     config: RoundConfig,
     *,
-    open_engine: OpenEngine | None = None,
+    engines: RoundEngines | None = None,
     progress: Progress | None = None,
 ) -> RoundResult:
     """Run one round with `model` voting on `pool`; publish `<out_dir>/vNNN` and return it.
 
-    `open_engine(spec)` must yield a started engine answering with `spec` (default: a local engine
-    that is closed after use, so no model is held in this process while the child trains).
+    `engines` say where the votes and scores go (default: `LocalEngines` on the config's device).
     """
     report = progress or (lambda stage, done, total: None)
     parent = checkpoint.resolve_model(model)
@@ -301,11 +304,7 @@ async def run_round(
     n = len(pool)
     if n < 3:
         raise ValueError(f"a round needs at least 3 usable images; {pool.root} has {n}")
-    opener = open_engine or (
-        lambda spec: local_engine(
-            spec, profile=config.profile, device=config.device, max_pixels=config.max_pixels
-        )
-    )
+    engines = engines or LocalEngines(config.profile, config.device, config.max_pixels)
     constrain = parent.untrained if config.constrain_answers is None else config.constrain_answers
     n_pairs = min(config.pairs, n * (n - 1) // 2)
     degree = _degree(n, n_pairs, config.min_degree)
@@ -334,7 +333,7 @@ async def run_round(
         pair_kinds = ["random"] * n_pairs + ["same-reference"] * n_variant_pairs
 
         mark = time.perf_counter()
-        async with opener(parent.spec()) as engine:
+        async with engines.parent(parent.spec()) as engine:
             voting = await vote_pairs(
                 engine,
                 pool.images,
@@ -364,7 +363,6 @@ async def run_round(
             seed=config.seed,
             temperature=config.temperature,
             constrain_answers=constrain,
-            device=config.device,
             max_completion_length=config.train.max_completion_length or config.max_new_tokens,
         )
         job = TrainJob(
@@ -397,7 +395,7 @@ async def run_round(
             untrained=parent.untrained,
         )
         mark = time.perf_counter()
-        async with opener(candidate.spec()) as engine:
+        async with engines.candidate(candidate.spec()) as engine:
             after = await _score_holdout(engine, pool, holdout, config, constrain, "scoring-after", report)
         timings["scoring_after_s"] = time.perf_counter() - mark
         timings["total_s"] = time.perf_counter() - started
@@ -440,12 +438,13 @@ async def run_round(
             "timings": timings,
         }
         checkpoint.write_manifest(staging, manifest)
-        _write_labels(staging, pool, voting, split, pair_kinds)
+        labels = _label_rows(pool, voting, split, pair_kinds)
+        (staging / "pseudo_labels.json").write_text(json.dumps(labels, indent=1) + "\n")
         path = checkpoint.publish(staging, out_dir, version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return RoundResult(path, replace(candidate, path=str(path)), manifest)
+    return RoundResult(path, replace(candidate, path=str(path)), manifest, labels)
 
 
 async def _score_holdout(
@@ -482,14 +481,14 @@ def _training_preferences(
     return [(pool.ids[label.i], pool.ids[label.j], p) for label, p in zip(train, p_stars, strict=True)]
 
 
-def _write_labels(
-    folder: Path, pool: Pool, voting: VotingResult, split: dict[int, str], pair_kinds: list[str]
-) -> None:
-    """The voted pairs beside the weights, by image id, so a round can be audited or reused.
+def _label_rows(
+    pool: Pool, voting: VotingResult, split: dict[int, str], pair_kinds: list[str]
+) -> list[dict[str, Any]]:
+    """The voted pairs by image id, written beside the weights so a round can be audited or reused.
 
     `kind` is `random` (two pool images) or `same-reference` (an image and a variant, or two variants).
     """
-    rows = [
+    return [
         {
             "image_i": pool.ids[label.i],
             "image_j": pool.ids[label.j],
@@ -499,7 +498,6 @@ def _write_labels(
         }
         for k, (label, row, kind) in enumerate(zip(voting.labels, voting.to_rows(), pair_kinds, strict=True))
     ]
-    (folder / "pseudo_labels.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def peak_rss_mb() -> dict[str, float]:

@@ -67,7 +67,7 @@ class InProcessDispatcher:
         return None
 
     def submit(self, round_id: int) -> None:
-        from worker.evolve import run_round_in_process
+        from trainer.lifecycle import run_round_in_process
 
         future = asyncio.run_coroutine_threadsafe(run_round_in_process(self.service, round_id), self.loop)
         self.tasks.add(future)

@@ -1,4 +1,5 @@
-"""Celery tasks: run a round (training queue) and the schedule tick (maintenance queue, from beat)."""
+"""Celery tasks: run a round (training queue) and the schedule tick (maintenance queue, from beat).
+The round itself is `trainer.lifecycle`; this is only its Celery wiring."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from iqa.db import make_engine, make_sessionmaker
 from iqa.settings import get_settings
+from trainer.lifecycle import WorkerEngines, execute_round, start_scheduled_round
 from worker.celery_app import EVOLVE_TASK, celery_app
-from worker.evolve import execute_round, worker_open_engine
-from worker.schedule import start_scheduled_round
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,8 @@ def _sessions() -> sessionmaker[Session]:
 def evolve_round(round_id: int) -> str:
     """Run one queued round to its final state (stored in the database) and return that state."""
     settings = get_settings()
-    return asyncio.run(execute_round(round_id, settings, _sessions(), worker_open_engine(settings)))
+    engines = WorkerEngines(settings, _sessions())
+    return asyncio.run(execute_round(round_id, settings, _sessions(), engines))
 
 
 @celery_app.task(name="worker.tasks.schedule_tick")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from pydantic import BaseModel, Field
@@ -13,34 +13,14 @@ from sqlalchemy import select
 from api.auth import AdminDep
 from api.deps import ServiceDep
 from api.schemas import ModelVersionOut
-from iqa import registry, rounds
+from iqa import registry
 from iqa.engines.base import EngineUnavailable
 from iqa.models import EvolutionRound, ModelVersion
+from trainer import lifecycle
+from trainer.config import RoundOverrides
 from worker.dispatch import DispatchUnavailable
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
-
-
-class RoundRequest(BaseModel):
-    """Optional overrides of the round settings (defaults: the EVOQ_ROUND_* settings)."""
-
-    model_config = {"extra": "forbid"}
-
-    pairs: int | None = Field(None, ge=2, le=1_000_000, description="Pairs to vote on (M).")
-    votes: int | None = Field(None, ge=2, le=64, description="Votes per pair (K).")
-    generations: int | None = Field(None, ge=2, le=64, description="GRPO group size (G).")
-    steps: int | None = Field(None, ge=1, le=1_000_000, description="GRPO optimiser steps.")
-    method: Literal["lora", "full"] | None = Field(None, description="LoRA adapter or full fine-tuning.")
-    learning_rate: float | None = Field(None, gt=0, le=1, description="Learning rate.")
-    max_images: int | None = Field(None, ge=4, description="Most logged images in the pool (newest first).")
-    holdout_fraction: float | None = Field(None, ge=0, lt=1, description="Pairs kept out for the gate.")
-    variants_per_image: int | None = Field(
-        None, ge=0, le=64, description="Synthetic variants per pool image (paper, round 2: 10); 0 = off."
-    )
-    variant_pairs: int | None = Field(
-        None, ge=0, le=1_000_000, description="Same-reference pairs to vote on; default: as many as `pairs`."
-    )
-    seed: int | None = Field(None, description="Seed for pair sampling and training.")
 
 
 class RoundOut(BaseModel):
@@ -105,20 +85,21 @@ class VersionOut(ModelVersionOut):
 async def start_round(
     request: Request,
     service: ServiceDep,
-    overrides: Annotated[RoundRequest | None, Body()] = None,
+    overrides: Annotated[RoundOverrides | None, Body()] = None,
 ) -> RoundOut:
     dispatcher = request.app.state.dispatcher
-    settings = (overrides or RoundRequest()).model_dump(exclude_none=True)
 
     def create() -> EvolutionRound:
         with service.sessions() as session:
-            rounds.reap_stale_rounds(session, service.round_stale_after)
-            return rounds.create_round(session, "manual", settings, service.engine.active.version_id)
+            lifecycle.reap_stale_rounds(session, service.round_stale_after)
+            return lifecycle.create_round(
+                session, "manual", overrides or RoundOverrides(), service.engine.active.version_id
+            )
 
     try:
         await asyncio.to_thread(dispatcher.check)
         row = await asyncio.to_thread(create)
-    except rounds.RoundConflict as error:
+    except lifecycle.RoundConflict as error:
         raise HTTPException(409, str(error)) from error
     except DispatchUnavailable as error:
         raise HTTPException(503, str(error), headers={"Retry-After": "10"}) from error
@@ -129,7 +110,7 @@ async def start_round(
 
         def fail() -> None:
             with service.sessions() as session:
-                rounds.finish(session, row.id, "failed", error=message)
+                lifecycle.finish(session, row.id, "failed", error=message)
 
         await asyncio.to_thread(fail)
         raise HTTPException(503, str(error), headers={"Retry-After": "10"}) from error
@@ -170,7 +151,7 @@ async def cancel_round(round_id: int, service: ServiceDep) -> RoundOut:
     def cancel() -> EvolutionRound:
         _round_or_404(service, round_id)
         with service.sessions() as session:
-            return rounds.request_cancel(session, round_id)
+            return lifecycle.request_cancel(session, round_id)
 
     return RoundOut.of(await asyncio.to_thread(cancel))
 

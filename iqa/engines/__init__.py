@@ -6,8 +6,9 @@ from iqa.engines.base import Engine, ModelSpec
 from iqa.settings import Settings
 
 
-def build_engine(settings: Settings, model: ModelSpec) -> Engine:
-    """The engine the settings ask for, set to serve `model` once started."""
+def build_engine(settings: Settings, model: ModelSpec, vllm_url: str | None = None) -> Engine:
+    """The engine the settings ask for, set to serve `model` once started (on `vllm_url`, when given,
+    instead of `EVOQ_VLLM_URL`: a round's own server)."""
     if settings.engine == "local":
         from iqa.engines.local import LocalEngine
 
@@ -29,7 +30,7 @@ def build_engine(settings: Settings, model: ModelSpec) -> Engine:
 
         return VLLMEngine(
             model,
-            base_url=settings.vllm_url,
+            base_url=vllm_url or settings.vllm_url,
             adapter_dir=settings.data_dir / "models" / "vllm-adapters",
             api_key=settings.vllm_api_key.get_secret_value() if settings.vllm_api_key else None,
             timeout_s=settings.vllm_timeout_s,

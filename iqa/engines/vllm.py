@@ -325,6 +325,53 @@ class VLLMEngine:
             if old is not None:
                 await self._retire(old)
 
+    async def stage(self, model: ModelSpec) -> StagedModel:
+        """Load a LoRA `model` beside the active version under a provisional adapter name, not served.
+
+        A round scores its candidate there, then `promote`s it (the loaded adapter becomes the active
+        route: no second load) or `discard`s it. Only a LoRA on the weights the server holds can be
+        staged; a full-weight candidate would change what every client gets.
+        """
+        if model.kind != "lora":
+            raise ValueError(f"only a LoRA version can be staged beside the serving one, not {model.kind}")
+        async with self._swap_lock:
+            if self._weights is None:
+                await self._read_server_weights()
+            if not _same_weights(weights_of(model), self._weights or ""):
+                raise ValueError(f"{model.name} needs other base weights than the server holds")
+            route = await self._install(model)
+        log.info("vLLM engine staged %s as adapter %s", model.name, route.adapter)
+        return StagedModel(self, route)
+
+    async def promote(self, staged: StagedModel, model: ModelSpec) -> None:
+        """Serve the staged adapter as `model` (its registered version) from now on; retire the old route."""
+        async with self._swap_lock:
+            old = self._route
+            staged.route.spec = model
+            self._route, self._spec = staged.route, model
+            self._open.set()
+        log.info("vLLM engine now serves %s as adapter %s (promoted)", model.name, staged.route.adapter)
+        if old is not None and old is not staged.route:
+            await self._retire(old)
+
+    async def discard(self, staged: StagedModel) -> None:
+        """Unload a staged adapter that was not promoted (once its requests are done)."""
+        if staged.route is not self._route:
+            await self._retire(staged.route)
+
+    async def generate_on(self, route: _Route, request: GenerationRequest) -> GenerationResult:
+        """One request on a given (staged) route; a lost route is EngineUnavailable, never re-routed."""
+        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        await self._open.wait()
+        route.enter()
+        try:
+            texts = await self._complete(route, request, urls)
+        except _RouteLost as error:
+            raise EngineUnavailable(f"the staged adapter {route.adapter} was lost: {error}") from error
+        finally:
+            route.leave()
+        return GenerationResult(texts, route.spec)
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         if request.n < 1:
             raise ValueError("n must be at least 1")
@@ -467,7 +514,8 @@ class VLLMEngine:
             if not (folder / "adapter_config.json").is_file():
                 await asyncio.to_thread(write_zero_adapter, weights, folder)
             adapter_path = str(folder.resolve())
-        name = f"evoq-v{spec.version_id}-{uuid.uuid4().hex[:8]}"
+        label = f"v{spec.version_id}" if spec.version_id >= 0 else "candidate"  # unregistered: provisional
+        name = f"evoq-{label}-{uuid.uuid4().hex[:8]}"
         try:
             await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter_path})
         except RuntimeError as error:
@@ -550,3 +598,35 @@ class VLLMEngine:
             return
         if response.status_code != 200:
             log.info("unloading adapter %s: HTTP %d %s", name, response.status_code, _message(response))
+
+
+@dataclass(eq=False)
+class StagedModel:
+    """A version loaded on the server beside the active one (`VLLMEngine.stage`), as an `Engine`."""
+
+    engine: VLLMEngine
+    route: _Route
+
+    @property
+    def active(self) -> ModelSpec:
+        return self.route.spec
+
+    @property
+    def adapter(self) -> str:
+        """The adapter name it is loaded under on the server."""
+        return self.route.adapter
+
+    async def start(self) -> None:
+        return None
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await self.engine.generate_on(self.route, request)
+
+    async def activate(self, model: ModelSpec) -> None:
+        raise RuntimeError("a staged model is promoted or discarded, not re-activated")
+
+    async def health(self) -> dict:
+        return {**await self.engine.health(), "staged_adapter": self.route.adapter}
+
+    async def close(self) -> None:
+        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from trainer.gate import GateThresholds, judge
+from trainer.gate import GateThresholds, gate_inputs, judge
 
 ACTIVE = {"agreement": 0.70, "parse_failure_rate": 0.02, "spread": 0.6}
 
@@ -15,17 +15,29 @@ def test_a_candidate_as_good_or_better_passes() -> None:
     assert verdict.checks["agreement"] == {"active": 0.70, "candidate": 0.74}
 
 
-def test_lower_held_out_agreement_is_rejected_unless_within_tolerance() -> None:
+def test_held_out_agreement_must_rise_by_more_than_the_minimum_gain() -> None:
     worse = {"agreement": 0.65, "parse_failure_rate": 0.0, "spread": 0.5}
     verdict = judge(ACTIVE, worse, GateThresholds())
-    assert not verdict.passed and verdict.reasons == ["held-out agreement fell from 0.700 to 0.650"]
-    assert judge(ACTIVE, worse, GateThresholds(agreement_tolerance=0.1)).passed
+    assert not verdict.passed
+    assert verdict.reasons == [
+        "held-out agreement did not rise enough: 0.700 -> 0.650 (needs a gain above +0.000)"
+    ]
+    assert judge(ACTIVE, worse, GateThresholds(min_agreement_gain=-0.1)).passed  # may fall 0.1
+    unchanged = {**worse, "agreement": 0.70}
+    assert not judge(ACTIVE, unchanged, GateThresholds()).passed  # no measurable gain: not promoted
+    assert not judge(ACTIVE, {**worse, "agreement": 0.74}, GateThresholds(min_agreement_gain=0.05)).passed
+
+
+def test_the_soft_agreement_is_the_gate_input_where_the_metrics_have_it() -> None:
+    metrics = {"holdout_agreement": 0.6, "holdout_soft_agreement": 0.64, "parse_failure_rate": 0.0}
+    assert gate_inputs(metrics)["agreement"] == 0.64
+    assert gate_inputs({**metrics, "holdout_soft_agreement": None})["agreement"] == 0.6
 
 
 def test_a_collapsed_model_is_rejected() -> None:
     """Same score for every image: spread 0, even with perfect parsing."""
-    verdict = judge(ACTIVE, {"agreement": 0.7, "parse_failure_rate": 0.0, "spread": 0.0}, GateThresholds())
-    assert not verdict.passed and "collapsed" in verdict.reasons[0]
+    verdict = judge(ACTIVE, {"agreement": 0.8, "parse_failure_rate": 0.0, "spread": 0.0}, GateThresholds())
+    assert not verdict.passed and len(verdict.reasons) == 1 and "collapsed" in verdict.reasons[0]
 
 
 def test_unparsable_answers_are_rejected() -> None:
@@ -45,7 +57,7 @@ def test_agreement_is_skipped_when_no_held_out_pair_was_decided() -> None:
 
 
 def test_validation_srcc_must_not_drop_when_configured() -> None:
-    good = {"agreement": 0.7, "parse_failure_rate": 0.0, "spread": 0.5}
+    good = {"agreement": 0.75, "parse_failure_rate": 0.0, "spread": 0.5}
     assert judge({**ACTIVE, "srcc": 0.5}, {**good, "srcc": 0.55}, GateThresholds()).passed
     verdict = judge({**ACTIVE, "srcc": 0.5}, {**good, "srcc": 0.4}, GateThresholds())
     assert verdict.reasons == ["validation SRCC fell from 0.500 to 0.400"]

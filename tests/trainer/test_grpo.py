@@ -14,7 +14,8 @@ from iqa.demo_model import build_demo_model
 from tests.imagegen import blurred, photo
 from trainer.batching import PairAwareSampler, plan_steps
 from trainer.checkpoint import ModelSource, resolve_model
-from trainer.grpo import TrainJob, TrainSettings, build_trainer, train_grpo
+from trainer.config import TrainJob, TrainSettings
+from trainer.grpo import build_trainer, train_grpo
 from trainer.pairs import sample_pairs
 
 # Tiny but real: 8 images, 10 pairs, 4 images (2+ pairs) per step, 2 rollouts each.

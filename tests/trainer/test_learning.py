@@ -26,7 +26,8 @@ from iqa.engines.hf_loading import load_model
 from iqa.prompts import chat_messages, prompt_set
 from tests.imagegen import noisy, photo
 from trainer.checkpoint import ModelSource, copy_processor_files, resolve_model
-from trainer.grpo import TrainJob, TrainSettings, train_grpo
+from trainer.config import TrainJob, TrainSettings
+from trainer.grpo import train_grpo
 from trainer.pool import load_image
 
 pytestmark = pytest.mark.slow

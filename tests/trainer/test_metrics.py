@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from trainer.metrics import correlations, parse_failure_rate, pseudo_label_agreement, score_spread
+from trainer.metrics import (
+    correlations,
+    parse_failure_rate,
+    pseudo_label_agreement,
+    score_spread,
+    soft_pseudo_label_agreement,
+)
 from trainer.voting import make_label
 
 
@@ -58,6 +64,23 @@ def test_pseudo_label_agreement() -> None:
     assert pseudo_label_agreement(scores, labels) == pytest.approx(1.5 / 3)
     assert pseudo_label_agreement(scores, [make_label(3, 2, 1, 0, 0, rule="soft")]) == 0.5
     assert math.isnan(pseudo_label_agreement(scores, labels[3:]))
+
+
+def test_soft_pseudo_label_agreement_reads_every_sample() -> None:
+    samples = {0: [4.0, 2.0], 1: [3.0, 3.0], 2: [1.0], 3: []}
+    # 0 beats 1 by the votes: of the 4 sample pairs, (4 > 3) twice, (2 > 3) never: 1/2.
+    assert soft_pseudo_label_agreement(samples, [make_label(0, 1, 5, 1, 0)]) == 0.5
+    # 1 beats 0 (votes_j > votes_i): the complement.
+    assert soft_pseudo_label_agreement(samples, [make_label(0, 1, 1, 5, 0)]) == 0.5
+    # 2 loses to 1 in every sample pair; a tie of samples counts half.
+    assert soft_pseudo_label_agreement(samples, [make_label(1, 2, 3, 0, 0)]) == 1.0
+    assert soft_pseudo_label_agreement({0: [3.0], 1: [3.0]}, [make_label(0, 1, 3, 0, 0)]) == 0.5
+    labels = [make_label(1, 2, 3, 0, 0), make_label(2, 1, 3, 0, 0)]
+    assert soft_pseudo_label_agreement(samples, labels) == 0.5  # the mean over pairs
+    # Tied labels and images without parsed samples are skipped; nothing left is NaN.
+    assert math.isnan(
+        soft_pseudo_label_agreement(samples, [make_label(0, 1, 2, 2, 0), make_label(0, 3, 4, 0, 0)])
+    )
 
 
 def test_parse_failure_rate() -> None:

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer.config import RoundConfig, TrainSettings
 from trainer.distortions import DISTORTIONS, LEVELS, distort
-from trainer.grpo import TrainSettings
 from trainer.organism.build import ORGANISM_NAME, RECIPE_FILE, Recipe, build_organism
 from trainer.organism.data import (
     RESERVED_PHOTOS,
@@ -31,7 +31,7 @@ from trainer.organism.data import (
     warmup_split,
 )
 from trainer.organism.measure import load_reader, pseudo_label_accuracy
-from trainer.round import RoundConfig, run_round
+from trainer.round import run_round
 
 MINI = Recipe(warmup_sources=48, images_per_source=6, head_steps=100, steps=60)
 

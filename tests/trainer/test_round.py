@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,8 @@ from iqa.scoring import ScoreResult
 from tests.imagegen import photo
 from trainer import checkpoint
 from trainer.checkpoint import resolve_model
-from trainer.grpo import TrainSettings
-from trainer.round import RoundConfig, TrainingFailed, gate_metrics, run_round
+from trainer.config import RoundConfig, TrainSettings
+from trainer.round import TrainingFailed, gate_metrics, run_round
 from trainer.voting import make_label
 
 
@@ -46,6 +48,18 @@ class BrightnessEngine:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+@dataclass(frozen=True)
+class Engines:
+    """`RoundEngines` from one opener: the parent and the candidate are opened the same way."""
+
+    open: Callable
+
+    def parent(self, spec: ModelSpec):
+        return self.open(spec)
+
+    candidate = parent
 
 
 def test_a_round_through_the_engine_interface_publishes_a_complete_version(
@@ -77,7 +91,7 @@ def test_a_round_through_the_engine_interface_publishes_a_complete_version(
             pool_dir,
             tmp_path / "out",
             config,
-            open_engine=open_engine,
+            engines=Engines(open_engine),
             progress=lambda stage, done, total: stages.append(stage),
         )
     )
@@ -179,7 +193,7 @@ def test_a_failing_training_process_raises_and_leaves_no_version(demo: Path, tmp
         train=TrainSettings(generations=3, images_per_step=2, micro_batches=4),
     )
     with pytest.raises(TrainingFailed, match="divisible"):
-        asyncio.run(run_round(demo, pool_dir, tmp_path / "out", config, open_engine=open_engine))
+        asyncio.run(run_round(demo, pool_dir, tmp_path / "out", config, engines=Engines(open_engine)))
     assert list((tmp_path / "out").iterdir()) == []
 
 

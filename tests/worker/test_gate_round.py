@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from iqa import registry, rounds
+from iqa import registry
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines.base import Engine, GenerationRequest, GenerationResult, ModelSpec
 from iqa.models import EvolutionRound, ModelVersion
@@ -22,8 +22,8 @@ from iqa.settings import Settings
 from iqa.store import ImageStore
 from tests.worker.conftest import log_photos
 from tests.worker.test_inprocess_rounds import TINY_ROUND
-from trainer.round import local_engine
-from worker.evolve import execute_round
+from trainer.config import RoundOverrides
+from trainer.lifecycle import WorkerEngines, create_round, execute_round
 
 
 class BrokenEngine:
@@ -63,17 +63,16 @@ def test_a_broken_candidate_is_rejected(
     log_photos(sessions, store, 6)
     with sessions() as session:
         base = registry.ensure_base_version(session, "demo (untrained)", str(demo_model_dir), True)
-        round_id = rounds.create_round(session, "manual", {"seed": 0}, base.id).id
+        round_id = create_round(session, "manual", RoundOverrides(seed=0), base.id).id
 
-    @asynccontextmanager
-    async def open_engine(spec: ModelSpec, is_parent: bool) -> AsyncIterator[Engine]:
-        if not is_parent:
+    class BrokenCandidate(WorkerEngines):
+        """The worker's engines, with the candidate's answers replaced."""
+
+        @asynccontextmanager
+        async def candidate(self, spec: ModelSpec) -> AsyncIterator[Engine]:
             yield BrokenEngine(spec, answer)  # type: ignore[misc]
-            return
-        async with local_engine(spec, device="cpu") as engine:
-            yield engine
 
-    state = asyncio.run(execute_round(round_id, settings, sessions, open_engine))
+    state = asyncio.run(execute_round(round_id, settings, sessions, BrokenCandidate(settings, sessions)))
 
     assert state == "rejected"
     with sessions() as session:

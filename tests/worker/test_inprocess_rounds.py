@@ -21,7 +21,7 @@ TINY_ROUND = {
     "round_holdout_fraction": 0.34,
     "max_new_tokens": 16,
 }
-PASSING_GATE = {"gate_agreement_tolerance": 1.0, "gate_min_spread": 0.0, "gate_max_parse_failure": 1.0}
+PASSING_GATE = {"gate_min_agreement_gain": -1.0, "gate_min_spread": 0.0, "gate_max_parse_failure": 1.0}
 
 
 def wait_for_round(server: LiveServer, round_id: int, timeout: float = 600) -> dict:

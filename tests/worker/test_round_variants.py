@@ -8,23 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy import func, select
 
-from api.routers.admin import RoundRequest
-from iqa import registry, rounds
+from iqa import registry
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
-from iqa.engines.base import Engine, ModelSpec
 from iqa.models import EvolutionRound, Image, ModelVersion, PseudoLabel
 from iqa.settings import Settings
 from iqa.store import ImageStore
 from tests.worker.conftest import log_photos
 from tests.worker.test_inprocess_rounds import TINY_ROUND
-from trainer.round import local_engine
-from worker.evolve import execute_round
+from trainer.config import RoundOverrides
+from trainer.lifecycle import WorkerEngines, create_round, execute_round
 
 
 def test_admin_variant_override_reaches_the_round_and_variants_stay_out_of_the_database(
@@ -46,17 +42,12 @@ def test_admin_variant_override_reaches_the_round_and_variants_stay_out_of_the_d
     log_photos(sessions, store, 5)
     stored_files = sorted(store.root.rglob("*"))
     # What the admin route stores for POST /admin/evolutions {"variants_per_image": 1, "variant_pairs": 2}.
-    overrides = RoundRequest(variants_per_image=1, variant_pairs=2, seed=0).model_dump(exclude_none=True)
+    overrides = RoundOverrides(variants_per_image=1, variant_pairs=2, seed=0)
     with sessions() as session:
         base = registry.ensure_base_version(session, "demo (untrained)", str(demo_model_dir), True)
-        round_id = rounds.create_round(session, "manual", overrides, base.id).id
+        round_id = create_round(session, "manual", overrides, base.id).id
 
-    @asynccontextmanager
-    async def open_engine(spec: ModelSpec, is_parent: bool) -> AsyncIterator[Engine]:
-        async with local_engine(spec, device="cpu") as engine:
-            yield engine
-
-    state = asyncio.run(execute_round(round_id, settings, sessions, open_engine))
+    state = asyncio.run(execute_round(round_id, settings, sessions, WorkerEngines(settings, sessions)))
 
     with sessions() as session:
         row = session.get_one(EvolutionRound, round_id)

@@ -1,4 +1,4 @@
-"""When the schedule starts a round by itself (worker.schedule), on SQLite and PostgreSQL."""
+"""When the schedule starts a round by itself (trainer.lifecycle), on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from datetime import timedelta
 
 import pytest
 
-from iqa import rounds
 from iqa.db import make_engine, make_sessionmaker
 from iqa.models import EvolutionRound, Image, ModelVersion, utcnow
 from iqa.settings import Settings
-from worker.schedule import start_scheduled_round
+from trainer import lifecycle as rounds
+from trainer.config import RoundOverrides
 
 
 @pytest.fixture
@@ -51,35 +51,35 @@ def test_no_round_until_enough_new_images_arrived(sessions) -> None:
     with sessions() as session:
         active = _active_version(session)
         _add_images(session, 0, 2)
-        assert start_scheduled_round(session, _settings()) is None
+        assert rounds.start_scheduled_round(session, _settings()) is None
         _add_images(session, 2, 1)
-        round_ = start_scheduled_round(session, _settings())
+        round_ = rounds.start_scheduled_round(session, _settings())
         assert round_ is not None and round_.trigger == "schedule" and round_.parent_version_id == active.id
-        assert start_scheduled_round(session, _settings()) is None  # one at a time
+        assert rounds.start_scheduled_round(session, _settings()) is None  # one at a time
 
 
 def test_at_most_one_round_per_period(sessions) -> None:
     with sessions() as session:
         _active_version(session)
         _add_images(session, 0, 3)
-        first = start_scheduled_round(session, _settings())
+        first = rounds.start_scheduled_round(session, _settings())
         rounds.finish(session, first.id, "succeeded")
         _add_images(session, 3, 5)
-        assert start_scheduled_round(session, _settings()) is None  # the period has not passed
+        assert rounds.start_scheduled_round(session, _settings()) is None  # the period has not passed
         first.created_at = utcnow() - timedelta(hours=2)
         session.commit()
-        assert start_scheduled_round(session, _settings()).id != first.id
+        assert rounds.start_scheduled_round(session, _settings()).id != first.id
 
 
 def test_a_dead_workers_round_does_not_block_the_schedule(sessions) -> None:
     with sessions() as session:
         _active_version(session)
-        stuck = rounds.create_round(session, "manual", {}, None)
+        stuck = rounds.create_round(session, "manual", RoundOverrides(), None)
         rounds.advance(session, stuck.id, "training", worker="gone:1")
         row = session.get_one(EvolutionRound, stuck.id)
         row.created_at = row.heartbeat_at = utcnow() - timedelta(hours=2)
         session.commit()
         _add_images(session, 0, 3)
-        new = start_scheduled_round(session, _settings())
+        new = rounds.start_scheduled_round(session, _settings())
         assert new is not None
         assert session.get_one(EvolutionRound, stuck.id, populate_existing=True).state == "failed"
