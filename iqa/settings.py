@@ -115,6 +115,9 @@ class Settings(BaseSettings):
         8, ge=1, le=64, description="Score samples per held-out image when the gate compares models."
     )
     round_method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tuning.")
+    round_lora_rank: int = Field(
+        16, ge=1, le=256, description="LoRA rank of round adapters (vLLM's --max-lora-rank must allow it)."
+    )
     round_learning_rate: float = Field(1e-5, gt=0, description="GRPO learning rate (paper, full FT: 3e-7).")
     round_holdout_fraction: float = Field(
         0.2, ge=0.0, lt=1.0, description="Share of voted pairs kept out of training for the gate."

@@ -133,6 +133,8 @@ def round_config(settings: Settings, overrides: RoundOverrides | None = None) ->
         images_per_step=pick("images_per_step"),
         learning_rate=pick("learning_rate"),
         lora=pick("method") == "lora",
+        lora_rank=settings.round_lora_rank,
+        lora_alpha=2 * settings.round_lora_rank,
         max_completion_length=settings.max_new_tokens,
         device=settings.train_device or settings.device,
         report_to=settings.train_report_to,

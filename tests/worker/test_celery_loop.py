@@ -62,7 +62,9 @@ def _env(settings: dict[str, object]) -> dict[str, str]:
 class Worker:
     """`celery worker` (+ embedded beat) as a real process group, killable like a crashed machine."""
 
-    def __init__(self, settings: dict[str, object], log: Path, beat: bool) -> None:
+    def __init__(
+        self, settings: dict[str, object], log: Path, beat: bool, extra_env: dict[str, str] | None = None
+    ) -> None:
         command = [
             sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
             "-Q", "training,maintenance", "--pool", "solo", "--prefetch-multiplier", "1",
@@ -73,7 +75,7 @@ class Worker:
         self.log = log
         self.process = subprocess.Popen(
             command,
-            env=_env(settings),
+            env={**_env(settings), **(extra_env or {})},
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
