@@ -12,12 +12,23 @@ this process, GRPO in a spawned child process. Stages:
 
 Peak memory is the peak resident set of this process (engine + voting) and of the training child.
 On a GPU machine (`--device cuda`) it also reports the child's peak CUDA memory.
+
+`--engine vllm` runs the round as the service's worker does with `EVOQ_ENGINE=vllm`
+(`trainer.lifecycle.WorkerEngines`: votes and held-out scores on a vLLM server started from `.venv-vllm`,
+the candidate scored there as a LoRA adapter) and prints the figures of the production path:
+
+  - votes/s of the round against the same vote requests sent straight to vLLM by a plain client
+    (same pairs, image orders, n, regex and concurrency; target >= 0.9x);
+  - the share of the round's wall time outside voting and training (target <= 5%);
+  - the p50 latency of a client's score request (8 samples, foreground priority, one at a time) while
+    the round votes, against the same requests on an idle server (target <= 1.5x).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -44,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's own (48)")
     parser.add_argument("--model", default=None, help="model folder; default: a fresh demo model")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--engine", choices=["local", "vllm"], default="local", help="where votes go")
+    parser.add_argument("--probe-requests", type=int, default=20, help="vllm: idle score requests timed")
     return parser.parse_args(argv)
 
 
@@ -80,10 +93,162 @@ def main(argv: list[str] | None = None) -> None:
                 generations=args.generations, steps=args.steps, images_per_step=args.images_per_step
             ),
         )
+        if args.engine == "vllm":
+            asyncio.run(run_on_vllm(args, root, Path(model), config))
+            return
         started = time.perf_counter()
         result = asyncio.run(run_round(model, root / "pool", root / "out", config))
         wall = time.perf_counter() - started
     report(result.manifest, wall, peak_rss_mb())
+
+
+async def score_latencies(engine, images: list, stop: asyncio.Event | None, count: int) -> list[tuple]:
+    """(start time, ms) of score requests sent one at a time at client priority, until `stop` or `count`."""
+    from iqa.engines.base import Sampling
+    from iqa.scoring import score_image
+
+    sampling = Sampling(constrain="score")
+    out: list[tuple[float, float]] = []
+    k = 0
+    while (stop is None and len(out) < count) or (stop is not None and not stop.is_set()):
+        started = time.perf_counter()
+        await score_image(engine, images[k % len(images)], 8, sampling, "evoquality")
+        out.append((started, (time.perf_counter() - started) * 1000))
+        k += 1
+    return out
+
+
+async def direct_votes(
+    url: str, adapter: str, max_tokens: int, images: dict, labels: list[dict], config
+) -> float:
+    """Seconds for the round's vote requests sent straight to vLLM (same structure and concurrency)."""
+    import httpx
+
+    from iqa.engines.base import GenerationRequest, Sampling
+    from iqa.engines.vllm import chat_payload, image_data_url
+    from iqa.prompts import prompt_set
+    from iqa.scoring import split_votes
+
+    text = prompt_set(config.profile).compare_text
+    sampling = Sampling(temperature=config.temperature, constrain="vote")
+    urls = {name: image_data_url(image, config.max_pixels) for name, image in images.items()}
+    n_ab, n_ba = split_votes(config.votes)
+    bodies = []
+    for row in labels:
+        a, b = row["image_i"], row["image_j"]
+        bodies.append(
+            [
+                chat_payload(
+                    adapter,
+                    GenerationRequest((images[x], images[y]), text, n, sampling),
+                    [urls[x], urls[y]],
+                    max_tokens,
+                    config.profile,
+                )
+                for (x, y), n in (((a, b), n_ab), ((b, a), n_ba))
+            ]
+        )
+    semaphore = asyncio.Semaphore(config.concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+
+        async def pair(requests: list[dict]) -> None:
+            async with semaphore:
+                answers = await asyncio.gather(
+                    *(client.post("/v1/chat/completions", json=r) for r in requests)
+                )
+                assert all(a.status_code == 200 for a in answers), answers[0].text
+
+        for cache in ("/reset_prefix_cache", "/reset_encoder_cache"):  # the round saw these prompts first
+            assert (await client.post(cache)).status_code == 200
+        started = time.perf_counter()
+        await asyncio.gather(*(pair(r) for r in bodies))
+        return time.perf_counter() - started
+
+
+async def run_on_vllm(args: argparse.Namespace, root: Path, model: Path, config) -> None:
+    """The round on a vLLM server, as the worker runs it, with a client's score requests beside it."""
+    from dataclasses import replace
+
+    from iqa.engines import build_engine
+    from iqa.engines.base import ModelSpec
+    from iqa.settings import Settings
+    from tests.imagegen import photo
+    from tests.vllm.server import MAX_LORA_RANK, VLLMServer
+    from trainer.lifecycle import WorkerEngines
+    from trainer.pool import load_pool
+    from trainer.round import peak_rss_mb, run_round
+
+    server = VLLMServer(model, root / "vllm.log")
+    start_s = await asyncio.to_thread(server.start)
+    try:
+        settings = Settings(
+            _env_file=None, data_dir=root, engine="vllm", vllm_url=server.url, device=args.device
+        )
+        serving = build_engine(settings, ModelSpec(0, "demo", "base", str(model), untrained=True))
+        await serving.start()
+        probe_images = [photo(320, 240, seed=5000 + k) for k in range(8)]
+        idle = await score_latencies(serving, probe_images, None, args.probe_requests)
+        config = replace(
+            config,
+            train=replace(config.train, lora_rank=MAX_LORA_RANK, lora_alpha=2 * MAX_LORA_RANK),
+        )
+        windows: dict[str, list[float]] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            now = time.perf_counter()
+            windows.setdefault(stage, [now, now])[1] = now
+
+        stop = asyncio.Event()
+        probe = asyncio.create_task(score_latencies(serving, probe_images, stop, 0))
+        engines = WorkerEngines(settings, None)  # type: ignore[arg-type]  # no database: nothing is promoted
+        started = time.perf_counter()
+        result = await run_round(
+            model, root / "pool", root / "out", config, engines=engines, progress=progress
+        )
+        wall = time.perf_counter() - started
+        await engines.discard()
+        stop.set()
+        during = await probe
+        voting_from, voting_to = windows["voting"]
+        while_voting = [ms for t, ms in during if voting_from <= t <= voting_to]
+        pool = load_pool(root / "pool", config.max_pixels)
+        images = dict(zip(pool.ids, pool.images, strict=True))
+        random_pairs = [row for row in result.labels if row["kind"] == "random"]
+        route = serving._route
+        max_tokens = config.max_new_tokens or route.max_new_tokens
+        direct_s = await direct_votes(server.url, route.adapter, max_tokens, images, random_pairs, config)
+        await serving.close()
+    finally:
+        server.stop()
+    report(result.manifest, wall, peak_rss_mb())
+    timings, labels = result.manifest["timings"], result.manifest["pseudo_labels"]
+    round_rate = labels["votes"] / timings["voting_s"]
+    direct_rate = len(random_pairs) * config.votes / direct_s
+    outside = wall - timings["voting_s"] - timings["training_s"]
+    evaluation = timings["scoring_before_s"] + timings["scoring_after_s"]
+    p50_idle = statistics.median(ms for _, ms in idle)
+    p50_voting = statistics.median(while_voting) if while_voting else float("nan")
+    table = Table(title=f"the vLLM path (vLLM healthy after {start_s:.0f} s)")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_column("target", justify="right")
+    table.add_row(
+        "round votes/s vs direct to vLLM",
+        f"{round_rate:.1f} / {direct_rate:.1f} = {round_rate / direct_rate:.2f}x",
+        ">= 0.9x",
+    )
+    table.add_row(
+        "round outside voting and training", f"{outside:.1f} s = {100 * outside / wall:.1f}%", "<= 5%"
+    )
+    table.add_row(
+        "  of which held-out evaluation", f"{evaluation:.1f} s = {100 * evaluation / wall:.1f}%", ""
+    )
+    table.add_row(
+        "client score p50 while voting vs idle",
+        f"{p50_voting:.0f} / {p50_idle:.0f} ms = {p50_voting / p50_idle:.2f}x ({len(while_voting)} requests)",
+        "<= 1.5x",
+    )
+    console.print(table)
 
 
 def report(manifest: dict, wall: float, peaks: dict[str, float]) -> None:

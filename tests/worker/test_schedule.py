@@ -21,7 +21,8 @@ def sessions(database_url: str):
 
 
 def _settings(**overrides) -> Settings:
-    return Settings(round_every_hours=1.0, round_min_new_images=3, round_stale_after_s=60, **overrides)
+    values = {"round_every_hours": 1.0, "round_min_new_images": 3, "round_stale_after_s": 60, **overrides}
+    return Settings(**values)
 
 
 def _add_images(session, start: int, count: int) -> None:
@@ -83,3 +84,16 @@ def test_a_dead_workers_round_does_not_block_the_schedule(sessions) -> None:
         new = rounds.start_scheduled_round(session, _settings())
         assert new is not None
         assert session.get_one(EvolutionRound, stuck.id, populate_existing=True).state == "failed"
+
+
+def test_the_switch_turns_scheduled_rounds_off_but_not_admin_rounds(sessions) -> None:
+    with sessions() as session:
+        _active_version(session)
+        _add_images(session, 0, 5)
+        assert rounds.start_scheduled_round(session, _settings(rounds_scheduled=False)) is None
+        assert rounds.current_round(session) is None
+        manual = rounds.create_round(session, "manual", RoundOverrides(), None)  # an admin's round
+        assert manual.lock == 1
+        rounds.finish(session, manual.id, "succeeded", created_at=utcnow() - timedelta(hours=2))
+        _add_images(session, 5, 5)
+        assert rounds.start_scheduled_round(session, _settings()) is not None  # on again: due
