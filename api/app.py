@@ -12,6 +12,8 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
+from api.observability import ObservabilityMiddleware, service_registry
+from api.observability import router as metrics_router
 from api.routers import admin, compare, health, images, models, score
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines import build_engine
@@ -38,6 +40,7 @@ async def start_service(settings: Settings, migrate: bool = True) -> IQAService:
     spec = await asyncio.to_thread(register_configured_model, settings, make_sessionmaker(db))
     engine = build_engine(settings, spec)
     await engine.start()
+    log.info("serving %s (version %d) with the %s engine", spec.name, spec.version_id, settings.engine)
     return IQAService(settings, engine, db)
 
 
@@ -84,6 +87,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         service = await start_service(settings, migrate)
         app.state.service = service
+        app.state.metrics_registry = service_registry(service)
         app.state.dispatcher = make_dispatcher(service)
         background = [asyncio.create_task(follow_active_version(service, settings.active_version_poll_s))]
         if settings.rounds_backend == "inprocess":
@@ -100,8 +104,10 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
 
     app = FastAPI(title="EvoQuality Service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
-    for router in (score.router, compare.router, images.router, models.router, health.router, admin.router):
+    routers = (score.router, compare.router, images.router, models.router, health.router, admin.router)
+    for router in (*routers, metrics_router):
         app.include_router(router)
     body_limit = settings.max_upload_bytes * settings.max_images_per_request + 64 * 1024
     app.add_middleware(BodySizeLimit, max_bytes=body_limit)
+    app.add_middleware(ObservabilityMiddleware)  # outermost: counts and times every answer, 413s too
     return app

@@ -22,14 +22,20 @@ app = typer.Typer(help="EvoQuality Service: self-improving image-quality assessm
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[str, typer.Option(help="Log level of the app and uvicorn.")] = "info",
+    log_json: Annotated[bool, typer.Option("--log-json", help="Log lines as JSON objects.")] = False,
 ) -> None:
-    """Start the HTTP API (settings from EVOQ_* variables; the embedded default needs none)."""
+    """Start the HTTP API (settings from EVOQ_* variables; the embedded default needs none).
+
+    Log lines of the app and uvicorn go to stderr with the request id (also sent as `X-Request-ID`)."""
     import uvicorn
 
     from api.app import create_app
+    from api.observability import log_config
 
-    uvicorn.run(create_app(), host=host, port=port, log_level=log_level)
+    uvicorn.run(
+        create_app(), host=host, port=port, log_level=log_level, log_config=log_config(log_level, log_json)
+    )
 
 
 @app.command("demo-model")

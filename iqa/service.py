@@ -25,6 +25,7 @@ from iqa.db import check_database, make_engine, make_sessionmaker
 from iqa.demo_model import build_demo_model, demo_name, is_demo_model, is_untrained
 from iqa.engines.base import Engine, ModelSpec, Sampling
 from iqa.images import DecodedImage, ImageRejected, check_content_type, decode_image
+from iqa.metrics import CACHE_HITS, PARSE_FAILURES, SAMPLES
 from iqa.models import ModelVersion
 from iqa.scoring import compare_images, score_image
 from iqa.settings import Settings
@@ -197,6 +198,7 @@ class IQAService:
             else:
                 seen_again.append(hit[0])
                 results.append(hit[1])
+        CACHE_HITS.inc(len(seen_again))
         if seen_again:
             with self.sessions.begin() as session:
                 for image_id in seen_again:
@@ -230,6 +232,8 @@ class IQAService:
         started = time.perf_counter()
         result = await score_image(self.engine, decoded.image, n, sampling, self.settings.prompt_profile)
         latency = (time.perf_counter() - started) * 1000
+        SAMPLES.labels("score").inc(result.samples)
+        PARSE_FAILURES.labels("score").inc(result.samples - result.valid)
 
         def log_prediction() -> int:
             with self.sessions.begin() as session:
@@ -271,6 +275,8 @@ class IQAService:
         )
         latency = (time.perf_counter() - started) * 1000
         key = self.sampling_key(n, sampling)
+        SAMPLES.labels("vote").inc(len(result.completions))
+        PARSE_FAILURES.labels("vote").inc(result.invalid)
 
         def log_comparison() -> int:
             with self.sessions.begin() as session:

@@ -31,6 +31,7 @@ from iqa.engines.base import (
 from iqa.engines.constraint import AnswerConstraint, AnswerGrammar
 from iqa.engines.hf_loading import LoadedModel, load_model
 from iqa.images import downscale_for_model
+from iqa.metrics import BATCH_ROWS
 from iqa.prompts import chat_messages
 from iqa.settings import PromptProfile
 
@@ -134,7 +135,7 @@ class LocalEngine:
         spec = self.active
         if self._batcher is None or self._batcher.done():
             raise EngineUnavailable("the local engine's batcher is not running")
-        queued = {"queued": self._queue.qsize(), "queued_background": self._background.qsize()}
+        queued = self.queue_depth()
         return {"engine": "local", "model": spec.name, **queued}
 
     async def activate(self, model: ModelSpec) -> None:
@@ -155,6 +156,10 @@ class LocalEngine:
         await queue.put(_Pending(request, future))
         self._arrived.set()
         return await future
+
+    def queue_depth(self) -> dict[str, int]:
+        """Requests waiting for the model: client requests and round work."""
+        return {"queued": self._queue.qsize(), "queued_background": self._background.qsize()}
 
     async def _next_batch(self) -> list[_Pending]:
         """Serving requests first (batched within the window); round work only when none waits, and,
@@ -277,6 +282,7 @@ class LocalEngine:
             per_call = max(1, self.max_batch_rows // m)
             for start in range(0, len(indices), per_call):
                 chunk = indices[start : start + per_call]
+                BATCH_ROWS.observe(len(chunk) * m)
                 texts = self._generate_call(
                     loaded, sampling, grammar, max_new, [prompts[i] for i in chunk], m
                 )

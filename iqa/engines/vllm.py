@@ -296,6 +296,11 @@ class VLLMEngine:
         await self._client.aclose()
         self._client = None
 
+    def queue_depth(self) -> dict[str, int]:
+        """Requests of this process waiting for vLLM's answer (vLLM's own queue is in its /metrics)."""
+        route = self._route
+        return {"in_flight": route.in_flight if route else 0}
+
     async def health(self) -> dict:
         response = await self._call("GET", "/health")
         if response.status_code != 200:

@@ -81,6 +81,8 @@ def test_evoq_serve_builds_the_demo_model_and_scores(tmp_path: Path) -> None:
             assert item["model_version"]["name"] == DEMO_NAME
             assert item["model_version"]["untrained"] is True
             assert item["valid_samples"] == item["samples"] == 2
+            request_id = response.headers["X-Request-ID"]
+            assert len(request_id) == 32
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -95,6 +97,9 @@ def test_evoq_serve_builds_the_demo_model_and_scores(tmp_path: Path) -> None:
     assert returncode in (0, -signal.SIGTERM), served[-4000:]
     assert "Application shutdown complete" in served, served[-4000:]
     assert "Traceback" not in served, served[-4000:]
+    # The app's own log lines are shown, and the request's lines carry its id.
+    assert f"api.app [-] serving {DEMO_NAME} (version 1) with the local engine" in served, served[-4000:]
+    assert any(f"[{request_id}]" in line and "POST /v1/score" in line for line in served.splitlines())
     # Everything went under the data dir, none into the working folder.
     assert (data_dir / "models" / "demo" / "evoq_demo.json").is_file()
     assert list(workdir.iterdir()) == []

@@ -1,0 +1,22 @@
+"""Prometheus metrics of the service's own work, in the process's default registry (`/metrics`).
+
+Counters and histograms count what this process did; what several processes share (images stored,
+rounds, the active version) is read from the database at scrape time by `api.observability`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+SAMPLES = Counter(
+    "evoq_samples_generated", "Completions generated for client requests, by kind (score, vote).", ["kind"]
+)
+PARSE_FAILURES = Counter(
+    "evoq_parse_failures", "Client completions without a parsable answer, by kind (score, vote).", ["kind"]
+)
+CACHE_HITS = Counter("evoq_cache_hits", "Scores answered from the result cache.")
+BATCH_ROWS = Histogram(
+    "evoq_engine_batch_rows",
+    "Sequences per forward batch of the local engine.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
