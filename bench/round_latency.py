@@ -80,7 +80,7 @@ def main() -> None:
     env.update({"EVOQ_DATA_DIR": str(work / "data"), "EVOQ_ADMIN_TOKEN": TOKEN, "EVOQ_DEVICE": "cpu"})
     log = (work / "server.log").open("w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "iqa.cli", "serve", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "evoq.cli", "serve", "--port", str(port), "--log-level", "warning"],
         env=env,
         cwd=work,
         stdout=log,

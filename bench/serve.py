@@ -261,7 +261,7 @@ async def start_server(env: dict[str, str], work: Path, port: int) -> asyncio.su
     """`evoq serve` in a child process (its own interpreter, as in production), ready to answer."""
     with (work / "server.log").open("wb") as log:
         server = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "iqa.cli", "serve", "--port", str(port), "--log-level", "warning"),
+            *(sys.executable, "-m", "evoq.cli", "serve", "--port", str(port), "--log-level", "warning"),
             cwd=work,  # no stray .env is read
             env={**os.environ, **env, "PYTHONPATH": str(REPO)},
             stdout=log,

@@ -1,4 +1,4 @@
-"""What `evoq evolve` and `evoq eval` do, with rich progress bars and tables (the typer layer is iqa.cli)."""
+"""What `evoq evolve` and `evoq eval` do, with rich progress bars and tables (the typer layer: evoq.cli)."""
 
 from __future__ import annotations
 

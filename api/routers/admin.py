@@ -3,82 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
-from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from api.auth import AdminDep
 from api.deps import ServiceDep
-from api.schemas import ModelVersionOut
 from iqa import registry
 from iqa.engines.base import EngineUnavailable
 from iqa.models import EvolutionRound, ModelVersion
+from iqa.protocol import RoundOut, VersionOut
 from trainer import lifecycle
 from trainer.config import RoundOverrides
 from worker.dispatch import DispatchUnavailable
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
-
-
-class RoundOut(BaseModel):
-    """An evolution round as stored."""
-
-    id: int
-    state: str = Field(
-        description="queued, voting, training, evaluating, swapping, succeeded, rejected, "
-        "failed or cancelled."
-    )
-    trigger: str = Field(description="manual, schedule or cli.")
-    settings: dict[str, Any]
-    progress: dict[str, Any] | None = Field(description="Current stage with done/total counters.")
-    parent_version_id: int | None = Field(description="The version that voted and was trained on.")
-    result_version_id: int | None = Field(description="The version the round produced, if any.")
-    metrics: dict[str, Any] | None
-    gate: dict[str, Any] | None = Field(description="The gate's verdict: passed, reasons, checks.")
-    timings: dict[str, Any] | None = Field(description="Seconds per stage.")
-    error: str | None
-    worker: str | None
-    cancel_requested: bool
-    created_at: datetime
-    started_at: datetime | None
-    heartbeat_at: datetime | None
-    finished_at: datetime | None
-
-    @classmethod
-    def of(cls, row: EvolutionRound) -> RoundOut:
-        return cls.model_validate(row, from_attributes=True)
-
-
-class VersionOut(ModelVersionOut):
-    """A model version with its lineage and status."""
-
-    kind: str
-    path: str
-    base_path: str | None
-    parent_id: int | None
-    status: str = Field(description="registered, active, retired or failed.")
-    created_at: datetime
-    activated_at: datetime | None
-    metrics: dict[str, Any] | None
-
-    @classmethod
-    def from_row(cls, row: ModelVersion) -> VersionOut:
-        return cls(
-            id=row.id,
-            name=row.name,
-            untrained=row.untrained,
-            kind=row.kind,
-            path=row.path,
-            base_path=row.base_path,
-            parent_id=row.parent_id,
-            status=row.status,
-            created_at=row.created_at,
-            activated_at=row.activated_at,
-            metrics=row.metrics,
-        )
 
 
 @router.post("/evolutions", status_code=202, response_model=RoundOut, summary="Start an evolution round")

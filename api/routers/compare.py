@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 
 from api.deps import ServiceDep
 from api.routers.score import check_count, read_upload
-from api.schemas import CompareResponse, ModelVersionOut, reasoning_texts
+from iqa.protocol import CompareResponse, ModelVersionOut, reasoning_texts
 
 router = APIRouter(prefix="/v1", tags=["compare"])
 

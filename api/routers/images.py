@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path
 
 from api.deps import ServiceDep
-from api.schemas import ImageOut, PredictionOut
 from iqa import records
+from iqa.protocol import ImageOut, PredictionOut
 
 router = APIRouter(prefix="/v1", tags=["images"])
 

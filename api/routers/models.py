@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import ServiceDep
-from api.schemas import ModelsResponse, ModelVersionOut
+from iqa.protocol import ModelsResponse, ModelVersionOut
 
 router = APIRouter(prefix="/v1", tags=["models"])
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 
 from api.deps import ServiceDep
-from api.schemas import ModelVersionOut, ScoreItem, ScoreResponse, reasoning_texts
+from iqa.protocol import ModelVersionOut, ScoreItem, ScoreResponse, reasoning_texts
 from iqa.service import Upload
 
 router = APIRouter(prefix="/v1", tags=["score"])

@@ -38,6 +38,84 @@ def serve(
     )
 
 
+@app.command()
+def score(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and folders.")],
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Also the folders' subfolders.")
+    ] = False,
+    samples: Annotated[
+        int | None, typer.Option(min=1, help="Samples per image; default: the service's.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="FILE.csv or FILE.jsonl; default: CSV on stdout.")] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Score through this running service (images are logged).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Score in process with this model (nothing stored).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Uploads in flight with --url.")] = 8,
+    device: Device = "auto",
+) -> None:
+    """Score files and folders: one row per image (path, sha256, score, std, valid_samples,
+    model_version, cached, error); a file that cannot be scored gets an empty score and the error."""
+    import asyncio
+
+    from rich.progress import Progress
+
+    from evoq.batch import collect_files, score_in_process, score_via_service, write_rows
+
+    if (url is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --url (a running service) or --model")
+    try:
+        files = collect_files(paths, recursive)
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error)) from error
+    with Progress(transient=True, console=_stderr()) as bars:
+        task = bars.add_task("scoring", total=len(files))
+
+        def tick() -> None:
+            bars.advance(task)
+
+        if url is not None:
+            rows = asyncio.run(score_via_service(url, files, samples, concurrency, tick))
+        else:
+            rows = asyncio.run(score_in_process(model or "", files, samples or 8, device, tick))
+    write_rows(rows, out)
+    failed = sum(1 for row in rows if row.error)
+    _stderr().print(f"{len(rows) - failed} scored, {failed} failed" + (f"; written to {out}" if out else ""))
+
+
+@app.command()
+def compare(
+    image_a: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="First image.")],
+    image_b: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Second image.")],
+    votes: Annotated[int | None, typer.Option(min=2, help="Votes (half with each image first).")] = None,
+    url: Annotated[str | None, typer.Option(help="Compare through this running service.")] = None,
+    model: Annotated[str | None, typer.Option(help="Compare in process with this model.")] = None,
+    device: Device = "auto",
+) -> None:
+    """Which of two images looks better (JSON: prob_a_better, winner, votes)."""
+    import asyncio
+    import json
+
+    from evoq.batch import compare_in_process, compare_via_service
+
+    if (url is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --url (a running service) or --model")
+    if url is not None:
+        answer = asyncio.run(compare_via_service(url, image_a, image_b, votes))
+    else:
+        answer = asyncio.run(compare_in_process(model or "", image_a, image_b, votes or 8, device))
+    typer.echo(json.dumps(answer, indent=1))
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 @app.command("demo-model")
 def demo_model(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the model into.")],

@@ -1,0 +1,1 @@
+"""EvoQuality Service tooling outside the core: the `evoq` command and the Python client."""
