@@ -14,6 +14,21 @@ from iqa.models import EvolutionRound, ModelVersion
 from iqa.prompts import reasoning_of
 
 
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    type: str = Field(
+        description="Machine-readable kind, e.g. `invalid_request`, `too_large`, `unavailable`."
+    )
+    message: str = Field(description="What was wrong and how to fix it, for a person.")
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer of the API has this shape."""
+
+    error: ErrorDetail
+
+
 class ModelVersionOut(BaseModel):
     """The model version that produced an answer."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from iqa.settings import PromptProfile, Settings
 from trainer.checkpoint import ModelSource
@@ -98,7 +98,7 @@ class RoundConfig:
 class RoundOverrides(BaseModel):
     """Optional per-round overrides of the `EVOQ_ROUND_*` settings (the admin API's request body)."""
 
-    model_config = {"extra": "forbid"}
+    model_config = {"extra": "forbid", "strict": True}  # `true` is no learning rate, "8" no count
 
     pairs: int | None = Field(None, ge=2, le=1_000_000, description="Pairs to vote on (M).")
     votes: int | None = Field(None, ge=2, le=64, description="Votes per pair (K).")
@@ -117,6 +117,15 @@ class RoundOverrides(BaseModel):
         None, ge=0, le=1_000_000, description="Same-reference pairs to vote on; default: as many as `pairs`."
     )
     seed: int | None = Field(None, description="Seed for pair sampling and training.")
+
+    @field_validator(
+        "pairs", "votes", "generations", "steps", "images_per_step", "max_images", "eval_samples",
+        "variants_per_image", "variant_pairs", "seed", mode="before",
+    )  # fmt: skip
+    @classmethod
+    def _integral(cls, value: object) -> object:
+        """JSON Schema's integer includes 2.0: take an integral float as that integer (strict mode)."""
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def round_config(settings: Settings, overrides: RoundOverrides | None = None) -> RoundConfig:

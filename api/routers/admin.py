@@ -6,10 +6,12 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from sqlalchemy import select
 
 from api.auth import AdminDep
 from api.deps import ServiceDep
+from api.errors import error_answers
 from iqa import registry
 from iqa.engines.base import EngineUnavailable
 from iqa.models import EvolutionRound, ModelVersion
@@ -18,10 +20,21 @@ from trainer import lifecycle
 from trainer.config import RoundOverrides
 from worker.dispatch import DispatchUnavailable
 
-router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
+router = APIRouter(
+    prefix="/admin", tags=["admin"], dependencies=[AdminDep], responses=error_answers(401, 404, 503)
+)
+# Database ids: 32-bit in PostgreSQL; a larger one is a 422, never a database error.
+RoundId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="Round id.")]
+VersionId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="Model version id.")]
 
 
-@router.post("/evolutions", status_code=202, response_model=RoundOut, summary="Start an evolution round")
+@router.post(
+    "/evolutions",
+    status_code=202,
+    response_model=RoundOut,
+    responses=error_answers(400, 409, 422),
+    summary="Start an evolution round",
+)
 async def start_round(
     request: Request,
     service: ServiceDep,
@@ -57,7 +70,9 @@ async def start_round(
     return RoundOut.of(row)
 
 
-@router.get("/evolutions", response_model=list[RoundOut], summary="Rounds, newest first")
+@router.get(
+    "/evolutions", response_model=list[RoundOut], responses=error_answers(422), summary="Rounds, newest first"
+)
 async def list_rounds(
     service: ServiceDep, limit: Annotated[int, Query(ge=1, le=500, description="Most rounds returned.")] = 50
 ) -> list[RoundOut]:
@@ -79,15 +94,24 @@ def _round_or_404(service, round_id: int) -> EvolutionRound:
         return row
 
 
-@router.get("/evolutions/{round_id}", response_model=RoundOut, summary="One round: state, progress, gate")
-async def get_round(round_id: int, service: ServiceDep) -> RoundOut:
+@router.get(
+    "/evolutions/{round_id}",
+    response_model=RoundOut,
+    responses=error_answers(422),
+    summary="One round: state, progress, gate",
+)
+async def get_round(round_id: RoundId, service: ServiceDep) -> RoundOut:
     return RoundOut.of(await asyncio.to_thread(_round_or_404, service, round_id))
 
 
 @router.post(
-    "/evolutions/{round_id}/cancel", status_code=202, response_model=RoundOut, summary="Cancel a round"
+    "/evolutions/{round_id}/cancel",
+    status_code=202,
+    response_model=RoundOut,
+    responses=error_answers(422),
+    summary="Cancel a round",
 )
-async def cancel_round(round_id: int, service: ServiceDep) -> RoundOut:
+async def cancel_round(round_id: RoundId, service: ServiceDep) -> RoundOut:
     def cancel() -> EvolutionRound:
         _round_or_404(service, round_id)
         with service.sessions() as session:
@@ -105,8 +129,13 @@ async def list_models(service: ServiceDep) -> list[VersionOut]:
     return await asyncio.to_thread(load)
 
 
-@router.post("/models/{version_id}/activate", response_model=VersionOut, summary="Roll back or forward")
-async def activate_model(version_id: int, service: ServiceDep) -> VersionOut:
+@router.post(
+    "/models/{version_id}/activate",
+    response_model=VersionOut,
+    responses=error_answers(409, 422),
+    summary="Roll back or forward",
+)
+async def activate_model(version_id: VersionId, service: ServiceDep) -> VersionOut:
     """Load the version in this process first; only a version that loads is marked active for all."""
 
     def load() -> ModelVersion:

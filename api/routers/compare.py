@@ -7,13 +7,19 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from api.deps import ServiceDep
-from api.routers.score import check_count, read_upload
+from api.errors import error_answers
+from api.routers.score import OPTIONAL_INTEGER, check_count, read_upload
 from iqa.protocol import CompareResponse, ModelVersionOut, reasoning_texts
 
 router = APIRouter(prefix="/v1", tags=["compare"])
 
 
-@router.post("/compare", response_model=CompareResponse, summary="Compare the quality of two images")
+@router.post(
+    "/compare",
+    response_model=CompareResponse,
+    responses=error_answers(400, 413, 415, 422, 503),
+    summary="Compare the quality of two images",
+)
 async def compare(
     service: ServiceDep,
     image_a: Annotated[UploadFile, File(description="The first image.")],
@@ -21,6 +27,7 @@ async def compare(
     votes: Annotated[
         int | None,
         Form(description="Votes to draw (half with each image first); default EVOQ_COMPARE_VOTES."),
+        OPTIONAL_INTEGER,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each vote's reasoning text.")] = False,
 ) -> CompareResponse:

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import ServiceDep
-from api.errors import error_response
+from api.errors import error_answers, error_response
 
 router = APIRouter(tags=["health"])
 
@@ -16,7 +16,7 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: the database and the engine answer")
+@router.get("/readyz", responses=error_answers(503), summary="Readiness: the database and the engine answer")
 async def readyz(service: ServiceDep) -> JSONResponse:
     try:
         status = await service.readiness()

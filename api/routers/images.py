@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path
 
 from api.deps import ServiceDep
+from api.errors import error_answers
 from iqa import records
 from iqa.protocol import ImageOut, PredictionOut
 
@@ -18,7 +19,12 @@ Sha256 = Annotated[
 ]
 
 
-@router.get("/images/{sha256}", response_model=ImageOut, summary="An image's metadata and recent predictions")
+@router.get(
+    "/images/{sha256}",
+    response_model=ImageOut,
+    responses=error_answers(404, 422, 503),
+    summary="An image's metadata and recent predictions",
+)
 async def get_image(sha256: Sha256, service: ServiceDep) -> ImageOut:
     def load() -> ImageOut | None:
         with service.sessions() as session:

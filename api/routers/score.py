@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
+from pydantic import WithJsonSchema
 
 from api.deps import ServiceDep
+from api.errors import error_answers
 from iqa.protocol import ModelVersionOut, ScoreItem, ScoreResponse, reasoning_texts
 from iqa.service import Upload
 
@@ -16,6 +18,10 @@ router = APIRouter(prefix="/v1", tags=["score"])
 async def read_upload(file: UploadFile, field: str) -> Upload:
     """The bytes and declared type of one multipart file."""
     return Upload(await file.read(), file.filename, file.content_type, field)
+
+
+# An optional form field is left out or sent as an integer; "null" is not an integer (documented as parsed).
+OPTIONAL_INTEGER = WithJsonSchema({"type": "integer"})
 
 
 def check_count(name: str, value: int | None, low: int, high: int) -> None:
@@ -28,6 +34,7 @@ def check_count(name: str, value: int | None, low: int, high: int) -> None:
     "/score",
     response_model=ScoreResponse,
     response_model_exclude_none=False,
+    responses=error_answers(400, 413, 415, 422, 503),
     summary="Score the perceptual quality of images (1 = very poor, 5 = excellent)",
 )
 async def score(
@@ -35,9 +42,12 @@ async def score(
     images: Annotated[
         list[UploadFile],
         File(description="One or more image files (JPEG, PNG, WebP, BMP, TIFF, GIF); repeat the field."),
+        WithJsonSchema({"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}),
     ],
     samples: Annotated[
-        int | None, Form(description="Samples per image; default from settings (EVOQ_SCORE_SAMPLES).")
+        int | None,
+        Form(description="Samples per image; default from settings (EVOQ_SCORE_SAMPLES)."),
+        OPTIONAL_INTEGER,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each sample's reasoning text.")] = False,
 ) -> ScoreResponse:
