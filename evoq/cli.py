@@ -222,22 +222,81 @@ def evolve(
 
 @app.command("eval")
 def evaluate(
-    csv_file: Annotated[Path, typer.Option("--csv", help="CSV of (image path, mos); relative to the CSV.")],
-    model: Annotated[str, typer.Option(help="Base folder, hub id or evolved checkpoint folder.")],
+    csv_file: Annotated[
+        Path, typer.Option("--csv", exists=True, dir_okay=False, help="CSV of images and MOS.")
+    ],
+    model: Annotated[
+        str | None, typer.Option(help="Base folder, hub id or evolved checkpoint folder.")
+    ] = None,
+    url: Annotated[
+        str | None, typer.Option(help="Evaluate a running service instead (images are logged).")
+    ] = None,
     samples: Annotated[int, typer.Option(min=1, help="Score samples per image (score = their mean).")] = 8,
+    image_column: Annotated[
+        str | None, typer.Option(help="Header of the image column (KonIQ: image_name).")
+    ] = None,
+    mos_column: Annotated[str | None, typer.Option(help="Header of the MOS column (KonIQ: MOS).")] = None,
+    images_dir: Annotated[Path | None, typer.Option(help="Folder the image paths are relative to.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Write per-image scores (path, mos, score, ...) here.")
+    ] = None,
+    prompt_profile: Annotated[str, typer.Option(help="evoquality or visualquality-r1.")] = "evoquality",
     max_new_tokens: MaxNewTokens = None,
     constrain: Constrain = None,
     device: Device = "auto",
 ) -> None:
-    """Print PLCC, SRCC and KRCC between a model's scores and the MOS of a CSV."""
+    """Print PLCC, SRCC and KRCC between a model's (or a service's) scores and the MOS of a CSV.
+
+    Without column names the CSV's first two columns are (image path, MOS)."""
+    import asyncio
+
     from rich.console import Console
 
-    from trainer.cli import eval_table, evaluate_csv_with_bars
-
-    result = evaluate_csv_with_bars(
-        csv_file, model, samples, max_new_tokens=max_new_tokens, constrain_answers=constrain, device=device
+    from trainer.cli import (
+        EvalResult,
+        MosColumns,
+        eval_table,
+        evaluate_csv_with_bars,
+        read_mos_csv,
+        write_eval_items,
     )
+    from trainer.metrics import correlations
+
+    if (url is None) == (model is None):
+        raise typer.BadParameter("give exactly one of --model or --url")
+    if prompt_profile not in ("evoquality", "visualquality-r1"):
+        raise typer.BadParameter("prompt-profile must be evoquality or visualquality-r1")
+    columns = MosColumns(image_column, mos_column, images_dir)
+    if url is not None:
+        from evoq.batch import score_via_service
+
+        rows = read_mos_csv(csv_file, columns)
+        scored = asyncio.run(score_via_service(url, [p for p, _ in rows], samples, 8, lambda: None))
+        result = EvalResult(
+            model=next((r.model_version for r in scored if r.model_version), url),
+            correlations=correlations([r.score for r in scored], [mos for _, mos in rows]),
+            rows=len(rows),
+            unparsable=sum(1 for r in scored if r.score is None),
+            samples=len(rows),
+            items=[
+                (r.path, mos, r.score, r.std, r.valid_samples or 0)
+                for r, (_, mos) in zip(scored, rows, strict=True)
+            ],
+        )
+    else:
+        result = evaluate_csv_with_bars(
+            csv_file,
+            model or "",
+            samples,
+            columns=columns,
+            max_new_tokens=max_new_tokens,
+            constrain_answers=constrain,
+            profile=prompt_profile,  # type: ignore[arg-type]
+            device=device,
+        )
     Console().print(eval_table(result))
+    if out is not None:
+        write_eval_items(result, out)
 
 
 if __name__ == "__main__":

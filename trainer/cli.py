@@ -103,32 +103,58 @@ def evolve(images: Path, model: str, out: Path, rounds: int, config: RoundConfig
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Correlations of a model's mean scores with MOS, and how many samples did not parse."""
+    """Correlations of a model's mean scores with MOS, how many samples did not parse, and per image
+    (path, mos, score, std, valid samples)."""
 
     model: str
     correlations: dict[str, float | int]
     rows: int
     unparsable: int
     samples: int
+    items: list[tuple[str, float, float | None, float | None, int]]
 
 
-def read_mos_csv(path: Path) -> list[tuple[Path, float]]:
-    """(image path, MOS) rows; a header row is skipped, relative paths are relative to the CSV's folder."""
+@dataclass(frozen=True)
+class MosColumns:
+    """Where a MOS file keeps its data: by header name (e.g. KonIQ's `image_name` and `MOS`), or, when
+    both are None, the first two columns; image paths are relative to `images_dir` (default: the CSV's
+    folder)."""
+
+    image: str | None = None
+    mos: str | None = None
+    images_dir: Path | None = None
+
+
+def read_mos_csv(path: Path, columns: MosColumns | None = None) -> list[tuple[Path, float]]:
+    """(image path, MOS) rows. Without column names the first two columns are read and a header row is
+    skipped; relative paths are relative to `columns.images_dir` or the CSV's folder."""
+    columns = columns or MosColumns()
+    root = columns.images_dir or path.parent
     rows: list[tuple[Path, float]] = []
     with path.open(newline="") as handle:
-        for record in csv.reader(handle):
-            if not record or not record[0].strip():
+        if columns.image or columns.mos:
+            reader = csv.DictReader(handle)
+            missing = [c for c in (columns.image, columns.mos) if c and c not in (reader.fieldnames or [])]
+            if missing or not (columns.image and columns.mos):
+                raise ValueError(f"{path}: needs both columns, has {reader.fieldnames}; missing {missing}")
+            records = [(r[columns.image], r[columns.mos]) for r in reader]
+            header_allowed = False
+        else:
+            records = [(r[0], r[1]) if len(r) >= 2 else (r[0] if r else "", None) for r in csv.reader(handle)]
+            header_allowed = True
+        for image_text, mos_text in records:
+            if not image_text or not image_text.strip():
                 continue
-            if len(record) < 2:
-                raise ValueError(f"{path}: row {record!r} needs an image path and a MOS")
+            if mos_text is None:
+                raise ValueError(f"{path}: row {image_text!r} needs an image path and a MOS")
             try:
-                mos = float(record[1])
+                mos = float(mos_text)
             except ValueError:
-                if rows:
-                    raise ValueError(f"{path}: MOS {record[1]!r} is not a number") from None
+                if rows or not header_allowed:
+                    raise ValueError(f"{path}: MOS {mos_text!r} is not a number") from None
                 continue  # the header
-            image = Path(record[0].strip())
-            rows.append((image if image.is_absolute() else path.parent / image, mos))
+            image = Path(image_text.strip())
+            rows.append((image if image.is_absolute() else root / image, mos))
     if not rows:
         raise ValueError(f"{path} has no (image, mos) rows")
     return rows
@@ -139,6 +165,7 @@ def evaluate_csv(
     model: str,
     samples: int,
     *,
+    columns: MosColumns | None = None,
     max_new_tokens: int | None = None,
     constrain_answers: bool | None = None,
     temperature: float = 1.0,
@@ -148,7 +175,7 @@ def evaluate_csv(
     progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Score every image of the CSV with `model` (mean of `samples`) and correlate with the MOS."""
-    rows = read_mos_csv(csv_path)
+    rows = read_mos_csv(csv_path, columns)
     source = resolve_model(model)
     constrain = source.untrained if constrain_answers is None else constrain_answers
     sampling = Sampling(temperature, max_new_tokens=max_new_tokens, constrain="score" if constrain else None)
@@ -168,7 +195,17 @@ def evaluate_csv(
         rows=len(rows),
         unparsable=total - sum(r.valid for r in results),
         samples=total,
+        items=[(str(p), mos, r.score, r.std, r.valid) for (p, mos), r in zip(rows, results, strict=True)],
     )
+
+
+def write_eval_items(result: EvalResult, out: Path) -> None:
+    """Per-image scores beside the MOS, as CSV."""
+    with out.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "mos", "score", "std", "valid_samples"])
+        for path, mos, score, std, valid in result.items:
+            writer.writerow([path, mos, "" if score is None else score, "" if std is None else std, valid])
 
 
 def evaluate_csv_with_bars(csv_path: Path, model: str, samples: int, **options: Any) -> EvalResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import re
 import subprocess
 import sys
@@ -14,10 +15,12 @@ from safetensors.torch import load_file
 
 from iqa.demo_model import build_demo_model
 from iqa.engines.base import Sampling
+from iqa.models import Image
 from iqa.prompts import parse_score
+from tests.api.conftest import demo_model_dir, start_server  # noqa: F401
 from tests.imagegen import blurred, noisy, photo
 from trainer import checkpoint
-from trainer.cli import read_mos_csv
+from trainer.cli import MosColumns, read_mos_csv
 from trainer.round import local_engine, score_images
 
 EVOQ = Path(sys.executable).parent / "evoq"
@@ -141,3 +144,46 @@ def test_read_mos_csv_skips_the_header_and_resolves_relative_paths(tmp_path: Pat
     (tmp_path / "b.csv").write_text("x.png,3.5\ny.png,good\n")
     with pytest.raises(ValueError, match="not a number"):
         read_mos_csv(tmp_path / "b.csv")
+
+
+def test_read_mos_csv_by_column_names_as_koniq_publishes_it(tmp_path: Path) -> None:
+    """KonIQ-10k's `koniq10k_scores_and_distributions.csv`: quoted headers, images in another folder."""
+    (tmp_path / "koniq.csv").write_text(
+        '"image_name","c1","c2","c3","c4","c5","c_total","MOS","SD","MOS_zscore"\n'
+        '"826373.jpg",0,0,25,73,7,105,3.828571,0.527278,77.383621\n'
+        '"100066.jpg",1,4,9,71,19,104,3.990385,0.749881,80.983636\n'
+    )
+    columns = MosColumns(image="image_name", mos="MOS", images_dir=tmp_path / "1024x768")
+    assert read_mos_csv(tmp_path / "koniq.csv", columns) == [
+        (tmp_path / "1024x768" / "826373.jpg", 3.828571),
+        (tmp_path / "1024x768" / "100066.jpg", 3.990385),
+    ]
+    with pytest.raises(ValueError, match="missing"):
+        read_mos_csv(tmp_path / "koniq.csv", MosColumns(image="image_name", mos="mos"))
+
+
+def test_eval_writes_per_image_scores_and_evaluates_a_running_service(
+    evolved: Path,
+    image_dir: Path,
+    tmp_path: Path,
+    start_server,  # noqa: F811
+) -> None:
+    images = sorted(image_dir.glob("img*"))[:5]
+    lines = ["file,score_mos"] + [f"{p.name},{1 + k * 0.5}" for k, p in enumerate(images)]
+    (tmp_path / "mos.csv").write_text("\n".join(lines) + "\n")
+    options = ["--image-column", "file", "--mos-column", "score_mos", "--images-dir", str(image_dir)]
+    done = evoq(
+        "eval", "--csv", str(tmp_path / "mos.csv"), "--model", str(evolved / "v001"), "--samples", "2",
+        "--prompt-profile", "evoquality", "--out", str(tmp_path / "per-image.csv"), *options,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader((tmp_path / "per-image.csv").open()))
+    assert [Path(r["path"]).name for r in rows] == [p.name for p in images]
+    assert all(1.0 <= float(r["score"]) <= 5.0 and r["valid_samples"] == "2" for r in rows)
+    assert [float(r["mos"]) for r in rows] == [1.0, 1.5, 2.0, 2.5, 3.0]
+
+    server = start_server(f"sqlite:///{tmp_path / 'evoq.db'}", data_dir=tmp_path / "data")
+    remote = evoq("eval", "--csv", str(tmp_path / "mos.csv"), "--url", server.url, "--samples", "2", *options)
+    assert remote.returncode == 0, remote.stderr
+    assert "demo (untrained)" in remote.stdout and "SRCC" in remote.stdout
+    assert server.count(Image) == 5  # the service logged what it scored
