@@ -14,7 +14,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.observability import ObservabilityMiddleware, service_registry
 from api.observability import router as metrics_router
-from api.routers import admin, compare, health, images, models, score
+from api.routers import admin, compare, dashboard, health, images, models, score
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines import build_engine
 from iqa.service import IQAService, register_configured_model
@@ -105,7 +105,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app = FastAPI(title="EvoQuality Service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
     routers = (score.router, compare.router, images.router, models.router, health.router, admin.router)
-    for router in (*routers, metrics_router):
+    for router in (*routers, dashboard.page_router, dashboard.data_router, metrics_router):
         app.include_router(router)
     body_limit = settings.max_upload_bytes * settings.max_images_per_request + 64 * 1024
     app.add_middleware(BodySizeLimit, max_bytes=body_limit)
