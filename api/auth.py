@@ -1,14 +1,17 @@
-"""Bearer-token guard of the admin API; the token comes from EVOQ_ADMIN_TOKEN only."""
+"""Who may call: the admin API needs EVOQ_ADMIN_TOKEN; /v1/* needs a client API key once any key exists
+(or with EVOQ_REQUIRE_API_KEYS), sent as a bearer token or in `X-API-Key`."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, HTTPException
+from fastapi import Depends, Header, HTTPException
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from api.deps import SettingsDep
+from api.deps import ServiceDep, SettingsDep
+from iqa import keys
 
 _bearer = HTTPBearer(auto_error=False, description="EVOQ_ADMIN_TOKEN as a bearer token.")
 
@@ -27,3 +30,37 @@ def require_admin(
 
 
 AdminDep = Depends(require_admin)
+
+
+_client_bearer = HTTPBearer(
+    auto_error=False, description="A client API key (POST /admin/keys) as a bearer token."
+)
+
+
+async def client_key(
+    service: ServiceDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_client_bearer)],
+    x_api_key: Annotated[
+        str | None, Header(description="A client API key, instead of the bearer token.")
+    ] = None,
+) -> int | None:
+    """The id of the caller's key; None while /v1/* is open (no key exists and none is required).
+    A key that is sent must be valid even then: a typo should not pass silently."""
+    given = x_api_key or (credentials.credentials if credentials else None)
+
+    def check() -> tuple[int | None, bool]:
+        with service.sessions() as session:
+            found = keys.active_key_id(session, given) if given else None
+            return found, found is None and (
+                service.settings.require_api_keys or keys.any_active_key(session)
+            )
+
+    key_id, refused = await asyncio.to_thread(check)
+    if refused or (given and key_id is None):
+        message = "missing, wrong or revoked API key" if given else "an API key is required"
+        raise HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
+    return key_id
+
+
+ClientKeyDep = Depends(client_key)
+ClientKey = Annotated[int | None, ClientKeyDep]

@@ -6,7 +6,7 @@ rounds, the active version) is read from the database at scrape time by `api.obs
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 SAMPLES = Counter(
     "evoq_samples_generated", "Completions generated for client requests, by kind (score, vote).", ["kind"]
@@ -14,6 +14,10 @@ SAMPLES = Counter(
 PARSE_FAILURES = Counter(
     "evoq_parse_failures", "Client completions without a parsable answer, by kind (score, vote).", ["kind"]
 )
+IN_FLIGHT = Gauge(
+    "evoq_requests_at_engine", "Client requests admitted to the engine now (the bounded queue)."
+)
+SHED = Counter("evoq_requests_shed", "Client requests refused with 503 because the engine queue was full.")
 CACHE_HITS = Counter("evoq_cache_hits", "Scores answered from the result cache.")
 BATCH_ROWS = Histogram(
     "evoq_engine_batch_rows",

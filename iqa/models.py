@@ -101,6 +101,18 @@ class ModelVersion(Base):
     parent: Mapped[ModelVersion | None] = relationship(remote_side=[id])
 
 
+class ApiKey(Base):
+    """A client's key for /v1/*: only its SHA-256 is kept (the key itself is shown once, at creation)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
 class Image(Base):
     """An image seen by the service; its bytes live in the content-addressed store under `storage_key`."""
 
@@ -134,6 +146,7 @@ class Prediction(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))  # which client asked
     # Mean of the valid samples; None when no sample gave a parsable score.
     score: Mapped[float | None]
     score_std: Mapped[float | None]
@@ -159,6 +172,7 @@ class Comparison(Base):
     image_a_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     image_b_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
     model_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))  # which client asked
     votes_a: Mapped[int]
     votes_b: Mapped[int]
     invalid_votes: Mapped[int]

@@ -69,11 +69,13 @@ def add_prediction(
     profile: str,
     sampling_key: str,
     latency_ms: float,
+    api_key_id: int | None = None,
 ) -> Prediction:
     """Log one scoring, with its raw completions and the version that produced it."""
     prediction = Prediction(
         image_id=image_id,
         model_version_id=result.model.version_id,
+        api_key_id=api_key_id,
         score=result.score,
         score_std=result.std,
         valid_samples=result.valid,
@@ -96,12 +98,14 @@ def add_comparison(
     profile: str,
     sampling_key: str,
     latency_ms: float,
+    api_key_id: int | None = None,
 ) -> Comparison:
     """Log one comparison with its vote counts and raw completions."""
     comparison = Comparison(
         image_a_id=image_a_id,
         image_b_id=image_b_id,
         model_version_id=result.model.version_id,
+        api_key_id=api_key_id,
         votes_a=result.votes_a,
         votes_b=result.votes_b,
         invalid_votes=result.invalid,

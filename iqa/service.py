@@ -12,6 +12,8 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -23,9 +25,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from iqa import records, registry
 from iqa.db import check_database, make_engine, make_sessionmaker
 from iqa.demo_model import build_demo_model, demo_name, is_demo_model, is_untrained
-from iqa.engines.base import Engine, ModelSpec, Sampling
+from iqa.engines.base import Engine, EngineUnavailable, ModelSpec, Sampling
 from iqa.images import DecodedImage, ImageRejected, check_content_type, decode_image
-from iqa.metrics import CACHE_HITS, PARSE_FAILURES, SAMPLES
+from iqa.metrics import CACHE_HITS, IN_FLIGHT, PARSE_FAILURES, SAMPLES, SHED
 from iqa.models import ModelVersion
 from iqa.scoring import compare_images, score_image
 from iqa.settings import Settings
@@ -113,6 +115,7 @@ class IQAService:
         self._failed_activations: dict[int, float] = {}  # version id -> when loading it last failed
         self._activation_lock = asyncio.Lock()
         self.round_stale_after = timedelta(seconds=settings.round_stale_after_s)
+        self._admitted = 0  # client requests at the engine now (see `admitted`)
 
     # ---- sampling -------------------------------------------------------------------------------
     def sampling(self, kind: str) -> Sampling:
@@ -206,15 +209,44 @@ class IQAService:
         return results, [(index, self._accept(decoded, "score"), decoded) for index, decoded in new]
 
     # ---- score ----------------------------------------------------------------------------------
-    async def score(self, uploads: list[Upload], samples: int | None = None) -> list[ScoredImage]:
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """A place at the engine for one client request, or 503 at once when `max_queued_requests` are
+        already there: a bounded wait instead of an unbounded queue. Refused before anything is stored."""
+        limit = self.settings.max_queued_requests
+        if limit and self._admitted >= limit:
+            SHED.inc()
+            raise EngineUnavailable(
+                f"the service is at capacity ({limit} requests at the engine); retry shortly", 1
+            )
+        self._admitted += 1
+        IN_FLIGHT.inc()
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+            IN_FLIGHT.dec()
+
+    async def score(
+        self, uploads: list[Upload], samples: int | None = None, api_key_id: int | None = None
+    ) -> list[ScoredImage]:
         """Score every upload; all are validated before anything is logged or sent to the model."""
+        async with self.admitted():
+            return await self._score(uploads, samples, api_key_id)
+
+    async def _score(
+        self, uploads: list[Upload], samples: int | None, api_key_id: int | None
+    ) -> list[ScoredImage]:
         n = samples or self.settings.score_samples
         sampling = self.sampling("score")
         key = self.sampling_key(n, sampling)
         version_id = self.engine.active.version_id
         results, to_score = await asyncio.to_thread(self._intake, uploads, version_id, key)
         scored = await asyncio.gather(
-            *(self._score_one(image_id, decoded, n, sampling, key) for _, image_id, decoded in to_score)
+            *(
+                self._score_one(image_id, decoded, n, sampling, key, api_key_id)
+                for _, image_id, decoded in to_score
+            )
         )
         for (index, _, _), result in zip(to_score, scored, strict=True):
             results[index] = result
@@ -227,7 +259,13 @@ class IQAService:
             raise ImageRejected(413, "too_large", message)
 
     async def _score_one(
-        self, image_id: int, decoded: DecodedImage, n: int, sampling: Sampling, key: str
+        self,
+        image_id: int,
+        decoded: DecodedImage,
+        n: int,
+        sampling: Sampling,
+        key: str,
+        api_key_id: int | None,
     ) -> ScoredImage:
         started = time.perf_counter()
         result = await score_image(self.engine, decoded.image, n, sampling, self.settings.prompt_profile)
@@ -238,7 +276,7 @@ class IQAService:
         def log_prediction() -> int:
             with self.sessions.begin() as session:
                 row = records.add_prediction(
-                    session, image_id, result, self.settings.prompt_profile, key, latency
+                    session, image_id, result, self.settings.prompt_profile, key, latency, api_key_id
                 )
                 return row.id
 
@@ -257,8 +295,16 @@ class IQAService:
         )
 
     # ---- compare --------------------------------------------------------------------------------
-    async def compare(self, upload_a: Upload, upload_b: Upload, votes: int | None = None) -> ComparedPair:
+    async def compare(
+        self, upload_a: Upload, upload_b: Upload, votes: int | None = None, api_key_id: int | None = None
+    ) -> ComparedPair:
         """Votes on which of two images is better; both are stored and logged first."""
+        async with self.admitted():
+            return await self._compare(upload_a, upload_b, votes, api_key_id)
+
+    async def _compare(
+        self, upload_a: Upload, upload_b: Upload, votes: int | None, api_key_id: int | None
+    ) -> ComparedPair:
         n = votes or self.settings.compare_votes
         sampling = self.sampling("vote")
 
@@ -281,7 +327,7 @@ class IQAService:
         def log_comparison() -> int:
             with self.sessions.begin() as session:
                 row = records.add_comparison(
-                    session, id_a, id_b, result, self.settings.prompt_profile, key, latency
+                    session, id_a, id_b, result, self.settings.prompt_profile, key, latency, api_key_id
                 )
                 return row.id
 

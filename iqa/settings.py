@@ -65,6 +65,13 @@ class Settings(BaseSettings):
     min_image_side: int = Field(16, ge=1, description="Smallest width or height (422).")
     max_images_per_request: int = Field(16, ge=1, description="Most `images` in one score request.")
     admin_token: SecretStr | None = Field(None, description="Bearer token; unset = admin API off.")
+    require_api_keys: bool = Field(
+        False,
+        description="/v1/* needs a client API key even before one exists (it always does once one does).",
+    )
+    max_queued_requests: int = Field(
+        256, ge=0, description="Client requests at the engine at once; beyond, 503 at once (0 = unbounded)."
+    )
 
     # ---- self-improvement rounds ----
     rounds_backend: Literal["inprocess", "celery"] = Field(

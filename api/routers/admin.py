@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from api.auth import AdminDep
 from api.deps import ServiceDep
 from api.errors import error_answers
-from iqa import registry
+from iqa import keys, registry
 from iqa.engines.base import EngineUnavailable
-from iqa.models import EvolutionRound, ModelVersion
+from iqa.models import ApiKey, EvolutionRound, ModelVersion
 from iqa.protocol import RoundOut, VersionOut
 from trainer import lifecycle
 from trainer.config import RoundOverrides
@@ -26,6 +28,7 @@ router = APIRouter(
 # Database ids: 32-bit in PostgreSQL; a larger one is a 422, never a database error.
 RoundId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="Round id.")]
 VersionId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="Model version id.")]
+KeyId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="API key id.")]
 
 
 @router.post(
@@ -153,3 +156,70 @@ async def activate_model(version_id: VersionId, service: ServiceDep) -> VersionO
     except Exception as error:
         raise HTTPException(409, f"version {row.name} cannot be loaded: {error}") from error
     return VersionOut.from_row(await asyncio.to_thread(load))
+
+
+class KeyRequest(BaseModel):
+    """A new client API key."""
+
+    model_config = {"extra": "forbid", "strict": True}
+
+    name: str = Field("", max_length=100, description="Whose key it is (for your records).")
+
+
+class KeyCreated(BaseModel):
+    """The new key: `key` is shown this once; only its hash is kept."""
+
+    id: int
+    name: str
+    key: str = Field(description="Send as `Authorization: Bearer <key>` or `X-API-Key: <key>` on /v1/*.")
+
+
+class KeyOut(BaseModel):
+    """A client API key as stored (never the key itself)."""
+
+    id: int
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+@router.post(
+    "/keys",
+    status_code=201,
+    response_model=KeyCreated,
+    responses=error_answers(400, 422),
+    summary="New client key",
+)
+async def create_key(body: Annotated[KeyRequest | None, Body()], service: ServiceDep) -> KeyCreated:
+    """From the first key on, /v1/* needs a key."""
+
+    def create() -> KeyCreated:
+        with service.sessions.begin() as session:
+            row, key = keys.create_key(session, (body or KeyRequest()).name)
+            return KeyCreated(id=row.id, name=row.name, key=key)
+
+    return await asyncio.to_thread(create)
+
+
+@router.get("/keys", response_model=list[KeyOut], summary="Client keys (never the keys themselves)")
+async def list_keys(service: ServiceDep) -> list[KeyOut]:
+    def load() -> list[KeyOut]:
+        with service.sessions() as session:
+            rows = session.scalars(select(ApiKey).order_by(ApiKey.id)).all()
+            return [KeyOut.model_validate(r, from_attributes=True) for r in rows]
+
+    return await asyncio.to_thread(load)
+
+
+@router.delete(
+    "/keys/{key_id}", response_model=KeyOut, responses=error_answers(422), summary="Revoke a client key"
+)
+async def revoke_key(key_id: KeyId, service: ServiceDep) -> KeyOut:
+    def revoke() -> KeyOut:
+        with service.sessions.begin() as session:
+            row = keys.revoke_key(session, key_id)
+            if row is None:
+                raise HTTPException(404, f"no API key {key_id}")
+            return KeyOut.model_validate(row, from_attributes=True)
+
+    return await asyncio.to_thread(revoke)

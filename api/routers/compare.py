@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
+from api.auth import ClientKey
 from api.deps import ServiceDep
 from api.errors import error_answers
 from api.routers.score import OPTIONAL_INTEGER, check_count, read_upload
@@ -17,11 +18,12 @@ router = APIRouter(prefix="/v1", tags=["compare"])
 @router.post(
     "/compare",
     response_model=CompareResponse,
-    responses=error_answers(400, 413, 415, 422, 503),
+    responses=error_answers(400, 401, 413, 415, 422, 503),
     summary="Compare the quality of two images",
 )
 async def compare(
     service: ServiceDep,
+    api_key_id: ClientKey,
     image_a: Annotated[UploadFile, File(description="The first image.")],
     image_b: Annotated[UploadFile, File(description="The second image.")],
     votes: Annotated[
@@ -34,7 +36,7 @@ async def compare(
     check_count("votes", votes, 2, service.settings.max_samples)
     upload_a = await read_upload(image_a, "image_a")
     upload_b = await read_upload(image_b, "image_b")
-    result = await service.compare(upload_a, upload_b, votes)
+    result = await service.compare(upload_a, upload_b, votes, api_key_id)
     return CompareResponse(
         sha256_a=result.sha256_a,
         sha256_b=result.sha256_b,

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from api.auth import ClientKeyDep
 from api.deps import ServiceDep
+from api.errors import error_answers
 from iqa.protocol import ModelsResponse, ModelVersionOut
 
-router = APIRouter(prefix="/v1", tags=["models"])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[ClientKeyDep])
 
 
-@router.get("/models", response_model=ModelsResponse, summary="The active model version")
+@router.get(
+    "/models",
+    response_model=ModelsResponse,
+    responses=error_answers(401, 503),
+    summary="The active model version",
+)
 async def active_model(service: ServiceDep) -> ModelsResponse:
     spec = service.engine.active
     return ModelsResponse(

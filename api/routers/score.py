@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from pydantic import WithJsonSchema
 
+from api.auth import ClientKey
 from api.deps import ServiceDep
 from api.errors import error_answers
 from iqa.protocol import ModelVersionOut, ScoreItem, ScoreResponse, reasoning_texts
@@ -34,11 +35,12 @@ def check_count(name: str, value: int | None, low: int, high: int) -> None:
     "/score",
     response_model=ScoreResponse,
     response_model_exclude_none=False,
-    responses=error_answers(400, 413, 415, 422, 503),
+    responses=error_answers(400, 401, 413, 415, 422, 503),
     summary="Score the perceptual quality of images (1 = very poor, 5 = excellent)",
 )
 async def score(
     service: ServiceDep,
+    api_key_id: ClientKey,
     images: Annotated[
         list[UploadFile],
         File(description="One or more image files (JPEG, PNG, WebP, BMP, TIFF, GIF); repeat the field."),
@@ -58,7 +60,7 @@ async def score(
             422, f"images: at most {settings.max_images_per_request} per request; got {len(images)}"
         )
     uploads = [await read_upload(f, "images") for f in images]
-    results = await service.score(uploads, samples)
+    results = await service.score(uploads, samples, api_key_id)
     return ScoreResponse(
         results=[
             ScoreItem(
