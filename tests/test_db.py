@@ -26,7 +26,7 @@ from iqa.db import (
 )
 from iqa.models import Base, Comparison, Image, ModelVersion, Prediction
 
-HEAD = "0002"  # the newest migration; bump with each new one
+HEAD = "0003"  # the newest migration; bump with each new one
 
 # Column name -> nullable, per table: the schema the application relies on.
 EXPECTED_COLUMNS = {
@@ -88,10 +88,12 @@ EXPECTED_COLUMNS = {
         "times_seen": False,
         "source": False,
     },
+    "api_keys": {"id": False, "name": False, "key_hash": False, "created_at": False, "revoked_at": True},
     "predictions": {
         "id": False,
         "image_id": False,
         "model_version_id": False,
+        "api_key_id": True,
         "score": True,
         "score_std": True,
         "valid_samples": False,
@@ -107,6 +109,7 @@ EXPECTED_COLUMNS = {
         "image_a_id": False,
         "image_b_id": False,
         "model_version_id": False,
+        "api_key_id": True,
         "votes_a": False,
         "votes_b": False,
         "invalid_votes": False,
@@ -191,6 +194,7 @@ def test_upgrade_creates_tables_with_expected_columns(engine: Engine) -> None:
     assert {fk["name"] for fk in inspector.get_foreign_keys("predictions")} == {
         "fk_predictions_image_id_images",
         "fk_predictions_model_version_id_model_versions",
+        "fk_predictions_api_key_id_api_keys",
     }
 
 

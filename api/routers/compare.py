@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from api.auth import ClientKey
 from api.deps import ServiceDep
 from api.errors import error_answers
-from api.routers.score import OPTIONAL_INTEGER, check_count, read_upload
+from api.routers.score import OPTIONAL_VOTES, check_count, read_upload
 from iqa.protocol import CompareResponse, ModelVersionOut, reasoning_texts
 
 router = APIRouter(prefix="/v1", tags=["compare"])
@@ -29,7 +29,7 @@ async def compare(
     votes: Annotated[
         int | None,
         Form(description="Votes to draw (half with each image first); default EVOQ_COMPARE_VOTES."),
-        OPTIONAL_INTEGER,
+        OPTIONAL_VOTES,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each vote's reasoning text.")] = False,
 ) -> CompareResponse:

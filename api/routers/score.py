@@ -21,8 +21,10 @@ async def read_upload(file: UploadFile, field: str) -> Upload:
     return Upload(await file.read(), file.filename, file.content_type, field)
 
 
-# An optional form field is left out or sent as an integer; "null" is not an integer (documented as parsed).
-OPTIONAL_INTEGER = WithJsonSchema({"type": "integer"})
+# An optional form count is left out or sent as an integer; "null" is not one (documented as parsed). The
+# upper bound is a setting (EVOQ_MAX_SAMPLES), checked by `check_count`.
+OPTIONAL_COUNT = WithJsonSchema({"type": "integer", "minimum": 1})
+OPTIONAL_VOTES = WithJsonSchema({"type": "integer", "minimum": 2})
 
 
 def check_count(name: str, value: int | None, low: int, high: int) -> None:
@@ -49,7 +51,7 @@ async def score(
     samples: Annotated[
         int | None,
         Form(description="Samples per image; default from settings (EVOQ_SCORE_SAMPLES)."),
-        OPTIONAL_INTEGER,
+        OPTIONAL_COUNT,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each sample's reasoning text.")] = False,
 ) -> ScoreResponse:
