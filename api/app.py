@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit
+from api.limits import BodySizeLimit, RateLimit
 from api.observability import ObservabilityMiddleware, service_registry
 from api.observability import router as metrics_router
 from api.routers import admin, compare, dashboard, health, images, models, score
@@ -88,6 +88,9 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         service = await start_service(settings, migrate)
         app.state.service = service
         app.state.metrics_registry = service_registry(service)
+        app.state.rate_limit = (
+            RateLimit(settings.rate_limit, settings.rate_limit_storage) if settings.rate_limit else None
+        )
         app.state.dispatcher = make_dispatcher(service)
         background = [asyncio.create_task(follow_active_version(service, settings.active_version_poll_s))]
         if settings.rounds_backend == "inprocess":

@@ -7,7 +7,7 @@ import asyncio
 import secrets
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException
+from fastapi import Depends, Header, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.deps import ServiceDep, SettingsDep
@@ -64,3 +64,38 @@ async def client_key(
 
 ClientKeyDep = Depends(client_key)
 ClientKey = Annotated[int | None, ClientKeyDep]
+
+
+async def rate_limited(request: Request, response: Response, api_key_id: ClientKey) -> None:
+    """429 with Retry-After for a client over `EVOQ_RATE_LIMIT`; the limit and what is left in headers."""
+    limit = request.app.state.rate_limit
+    if limit is None:
+        return
+    who = (
+        f"key:{api_key_id}"
+        if api_key_id is not None
+        else f"ip:{request.client.host if request.client else '-'}"
+    )
+    try:
+        allowed, remaining, reset = await asyncio.to_thread(limit.hit, who)
+    except Exception as error:  # the shared store (Redis) is down: say so, do not let everyone through
+        raise HTTPException(
+            503,
+            f"the rate-limit store is not answering ({type(error).__name__})",
+            headers={"Retry-After": "5"},
+        ) from error
+    headers = {
+        "X-RateLimit-Limit": str(limit.item.amount),
+        "X-RateLimit-Remaining": str(remaining),
+        "X-RateLimit-Reset": str(reset),
+    }
+    if not allowed:
+        raise HTTPException(
+            429,
+            f"rate limit of {limit.item} exceeded; retry in {reset} s",
+            {**headers, "Retry-After": str(reset)},
+        )
+    response.headers.update(headers)
+
+
+RateLimitDep = Depends(rate_limited)

@@ -26,6 +26,7 @@ _TYPES = {
     413: "too_large",
     415: "unsupported_media_type",
     422: "invalid_request",
+    429: "too_many_requests",
     503: "unavailable",
 }
 
@@ -38,6 +39,7 @@ _WHEN = {
     413: "An upload is over the byte or pixel limits.",
     415: "An upload is not an image type.",
     422: "A missing, malformed or out-of-range field, or an upload that is not a decodable image.",
+    429: "Over the client's rate limit (EVOQ_RATE_LIMIT); see Retry-After.",
     503: "The model engine, the database or the task broker is not answering; see Retry-After.",
 }
 

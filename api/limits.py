@@ -1,8 +1,10 @@
-"""A body-size limit enforced while the request streams in, before anything is spooled to disk."""
+"""Limits at the door: the body size, enforced while the request streams in, and per-client request rates."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -57,3 +59,21 @@ class BodySizeLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = f"request body is larger than the limit of {self.max_bytes} bytes"
         await error_response(413, "too_large", message, {"Connection": "close"})(scope, receive, send)
+
+
+class RateLimit:
+    """Requests per client and window (`limits`' moving window): per API key, or per client address
+    while /v1/* is open. In Redis when `EVOQ_RATE_LIMIT_STORAGE` names one, so all replicas share it."""
+
+    def __init__(self, rate: str, storage_url: str) -> None:
+        from limits import parse, storage, strategies
+
+        self.item = parse(rate)
+        self.storage = storage.storage_from_string(storage_url)
+        self.limiter = strategies.MovingWindowRateLimiter(self.storage)
+
+    def hit(self, who: str) -> tuple[bool, int, int]:
+        """(allowed, remaining, seconds until a request is allowed again) after counting one for `who`."""
+        allowed = self.limiter.hit(self.item, "evoq", who)
+        reset, remaining = self.limiter.get_window_stats(self.item, "evoq", who)
+        return allowed, remaining, max(1, math.ceil(reset - time.time()))

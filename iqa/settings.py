@@ -69,6 +69,13 @@ class Settings(BaseSettings):
         False,
         description="/v1/* needs a client API key even before one exists (it always does once one does).",
     )
+    rate_limit: str | None = Field(
+        None,
+        description="Requests per client (API key, else address) on /v1/*, e.g. `120/minute`; unset = off.",
+    )
+    rate_limit_storage: str = Field(
+        "memory://", description="Where rate-limit counts live: `memory://` (this process) or a redis:// URL."
+    )
     max_queued_requests: int = Field(
         256, ge=0, description="Client requests at the engine at once; beyond, 503 at once (0 = unbounded)."
     )

@@ -6,19 +6,19 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-from api.auth import ClientKey
+from api.auth import ClientKey, RateLimitDep
 from api.deps import ServiceDep
 from api.errors import error_answers
 from api.routers.score import OPTIONAL_VOTES, check_count, read_upload
 from iqa.protocol import CompareResponse, ModelVersionOut, reasoning_texts
 
-router = APIRouter(prefix="/v1", tags=["compare"])
+router = APIRouter(prefix="/v1", tags=["compare"], dependencies=[RateLimitDep])
 
 
 @router.post(
     "/compare",
     response_model=CompareResponse,
-    responses=error_answers(400, 401, 413, 415, 422, 503),
+    responses=error_answers(400, 401, 413, 415, 422, 429, 503),
     summary="Compare the quality of two images",
 )
 async def compare(

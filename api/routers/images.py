@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
 
-from api.auth import ClientKeyDep
+from api.auth import ClientKeyDep, RateLimitDep
 from api.deps import ServiceDep
 from api.errors import error_answers
 from iqa import records
 from iqa.protocol import ImageOut, PredictionOut
 
-router = APIRouter(prefix="/v1", tags=["images"], dependencies=[ClientKeyDep])
+router = APIRouter(prefix="/v1", tags=["images"], dependencies=[ClientKeyDep, RateLimitDep])
 
 Sha256 = Annotated[
     str, Path(pattern="^[0-9a-f]{64}$", description="SHA-256 of the image bytes, lower-case hex.")
@@ -23,7 +23,7 @@ Sha256 = Annotated[
 @router.get(
     "/images/{sha256}",
     response_model=ImageOut,
-    responses=error_answers(401, 404, 422, 503),
+    responses=error_answers(401, 404, 422, 429, 503),
     summary="An image's metadata and recent predictions",
 )
 async def get_image(sha256: Sha256, service: ServiceDep) -> ImageOut:

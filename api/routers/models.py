@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from api.auth import ClientKeyDep
+from api.auth import ClientKeyDep, RateLimitDep
 from api.deps import ServiceDep
 from api.errors import error_answers
 from iqa.protocol import ModelsResponse, ModelVersionOut
 
-router = APIRouter(prefix="/v1", tags=["models"], dependencies=[ClientKeyDep])
+router = APIRouter(prefix="/v1", tags=["models"], dependencies=[ClientKeyDep, RateLimitDep])
 
 
 @router.get(
     "/models",
     response_model=ModelsResponse,
-    responses=error_answers(401, 503),
+    responses=error_answers(401, 429, 503),
     summary="The active model version",
 )
 async def active_model(service: ServiceDep) -> ModelsResponse:

@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, UploadFile
 from pydantic import WithJsonSchema
 
-from api.auth import ClientKey
+from api.auth import ClientKey, RateLimitDep
 from api.deps import ServiceDep
 from api.errors import error_answers
 from iqa.protocol import ModelVersionOut, ScoreItem, ScoreResponse, reasoning_texts
 from iqa.service import Upload
 
-router = APIRouter(prefix="/v1", tags=["score"])
+router = APIRouter(prefix="/v1", tags=["score"], dependencies=[RateLimitDep])
 
 
 async def read_upload(file: UploadFile, field: str) -> Upload:
@@ -37,7 +37,7 @@ def check_count(name: str, value: int | None, low: int, high: int) -> None:
     "/score",
     response_model=ScoreResponse,
     response_model_exclude_none=False,
-    responses=error_answers(400, 401, 413, 415, 422, 503),
+    responses=error_answers(400, 401, 413, 415, 422, 429, 503),
     summary="Score the perceptual quality of images (1 = very poor, 5 = excellent)",
 )
 async def score(
