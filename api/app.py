@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 
@@ -17,6 +18,7 @@ from api.observability import router as metrics_router
 from api.routers import admin, compare, dashboard, health, images, models, score
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines import build_engine
+from iqa.retention import purge_expired
 from iqa.service import IQAService, register_configured_model
 from iqa.settings import Settings, get_settings
 from trainer.lifecycle import start_scheduled_round
@@ -54,6 +56,14 @@ async def follow_active_version(service: IQAService, interval_s: float) -> None:
             log.warning("could not check the active model version", exc_info=True)
 
 
+def purge_old_images(service: IQAService) -> int:
+    """The retention job of the embedded default: delete images older than `EVOQ_RETENTION_DAYS`."""
+    with service.sessions() as session:
+        return len(
+            purge_expired(session, service.store, timedelta(days=service.settings.retention_days or 0))
+        )
+
+
 async def run_schedule(service: IQAService, dispatcher: RoundDispatcher) -> None:
     """The embedded default's beat: start a scheduled round in this process when one is due."""
     while True:
@@ -68,6 +78,11 @@ async def run_schedule(service: IQAService, dispatcher: RoundDispatcher) -> None
             round_id = await asyncio.to_thread(due)
             if round_id is not None:
                 dispatcher.submit(round_id)
+            removed = 0
+            if service.settings.retention_days is not None:
+                removed = await asyncio.to_thread(purge_old_images, service)
+            if removed:
+                log.info("retention: %d images deleted", removed)
         except Exception:
             log.warning("the round schedule check failed", exc_info=True)
 

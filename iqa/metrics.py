@@ -18,6 +18,7 @@ IN_FLIGHT = Gauge(
     "evoq_requests_at_engine", "Client requests admitted to the engine now (the bounded queue)."
 )
 SHED = Counter("evoq_requests_shed", "Client requests refused with 503 because the engine queue was full.")
+UNKEPT = Counter("evoq_unkept_requests", "Requests scored without being stored or logged (keep=false).")
 CACHE_HITS = Counter("evoq_cache_hits", "Scores answered from the result cache.")
 BATCH_ROWS = Histogram(
     "evoq_engine_batch_rows",

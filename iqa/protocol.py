@@ -52,7 +52,7 @@ class ScoreItem(BaseModel):
     valid_samples: int = Field(description="Samples whose answer parsed as a score.")
     samples: int = Field(description="Samples drawn.")
     cached: bool = Field(description="True when answered from an earlier identical request.")
-    prediction_id: int = Field(description="Id of the logged prediction row.")
+    prediction_id: int | None = Field(description="Id of the logged prediction row; null when not kept.")
     model_version: ModelVersionOut = Field(description="The model version that produced this score.")
     reasoning: list[str] | None = Field(
         None, description="The thinking text of each sample, when `return_reasoning` was set."
@@ -78,7 +78,7 @@ class CompareResponse(BaseModel):
     votes_b: int = Field(description="Votes for image_b.")
     invalid_votes: int = Field(description="Votes whose answer was not 0 or 1.")
     votes: int = Field(description="Votes drawn (half with each image shown first).")
-    comparison_id: int = Field(description="Id of the logged comparison row.")
+    comparison_id: int | None = Field(description="Id of the logged comparison row; null when not kept.")
     model_version: ModelVersionOut = Field(description="The model version that cast the votes.")
     reasoning: list[str] | None = Field(None, description="The thinking text of each vote, on request.")
 

@@ -27,7 +27,7 @@ from iqa.db import check_database, make_engine, make_sessionmaker
 from iqa.demo_model import build_demo_model, demo_name, is_demo_model, is_untrained
 from iqa.engines.base import Engine, EngineUnavailable, ModelSpec, Sampling
 from iqa.images import DecodedImage, ImageRejected, check_content_type, decode_image
-from iqa.metrics import CACHE_HITS, IN_FLIGHT, PARSE_FAILURES, SAMPLES, SHED
+from iqa.metrics import CACHE_HITS, IN_FLIGHT, PARSE_FAILURES, SAMPLES, SHED, UNKEPT
 from iqa.models import ModelVersion
 from iqa.scoring import compare_images, score_image
 from iqa.settings import Settings
@@ -63,7 +63,7 @@ class ScoredImage:
     samples: int
     completions: list[str]
     model: ModelSpec
-    prediction_id: int
+    prediction_id: int | None  # None: the request asked not to be kept
     cached: bool
     latency_ms: float
 
@@ -81,7 +81,7 @@ class ComparedPair:
     winner: str | None
     completions: list[str]
     model: ModelSpec
-    comparison_id: int
+    comparison_id: int | None  # None: the request asked not to be kept
     latency_ms: float
 
 
@@ -228,20 +228,35 @@ class IQAService:
             IN_FLIGHT.dec()
 
     async def score(
-        self, uploads: list[Upload], samples: int | None = None, api_key_id: int | None = None
+        self,
+        uploads: list[Upload],
+        samples: int | None = None,
+        api_key_id: int | None = None,
+        keep: bool = True,
     ) -> list[ScoredImage]:
-        """Score every upload; all are validated before anything is logged or sent to the model."""
+        """Score every upload; all are validated before anything is logged or sent to the model. With
+        `keep=False` nothing is stored, logged or read from the cache (and no round ever sees it)."""
         async with self.admitted():
-            return await self._score(uploads, samples, api_key_id)
+            return await self._score(uploads, samples, api_key_id, keep)
+
+    def _decode_all(self, uploads: list[Upload]) -> list[DecodedImage]:
+        for upload in uploads:
+            self._check_size(upload)
+        return [self._decode(upload) for upload in uploads]
 
     async def _score(
-        self, uploads: list[Upload], samples: int | None, api_key_id: int | None
+        self, uploads: list[Upload], samples: int | None, api_key_id: int | None, keep: bool
     ) -> list[ScoredImage]:
         n = samples or self.settings.score_samples
         sampling = self.sampling("score")
         key = self.sampling_key(n, sampling)
         version_id = self.engine.active.version_id
-        results, to_score = await asyncio.to_thread(self._intake, uploads, version_id, key)
+        if keep:
+            results, to_score = await asyncio.to_thread(self._intake, uploads, version_id, key)
+        else:
+            UNKEPT.inc()
+            decoded = await asyncio.to_thread(self._decode_all, uploads)
+            results, to_score = [None] * len(uploads), [(k, None, d) for k, d in enumerate(decoded)]
         scored = await asyncio.gather(
             *(
                 self._score_one(image_id, decoded, n, sampling, key, api_key_id)
@@ -260,7 +275,7 @@ class IQAService:
 
     async def _score_one(
         self,
-        image_id: int,
+        image_id: int | None,
         decoded: DecodedImage,
         n: int,
         sampling: Sampling,
@@ -273,7 +288,9 @@ class IQAService:
         SAMPLES.labels("score").inc(result.samples)
         PARSE_FAILURES.labels("score").inc(result.samples - result.valid)
 
-        def log_prediction() -> int:
+        def log_prediction() -> int | None:
+            if image_id is None:  # not kept
+                return None
             with self.sessions.begin() as session:
                 row = records.add_prediction(
                     session, image_id, result, self.settings.prompt_profile, key, latency, api_key_id
@@ -296,22 +313,29 @@ class IQAService:
 
     # ---- compare --------------------------------------------------------------------------------
     async def compare(
-        self, upload_a: Upload, upload_b: Upload, votes: int | None = None, api_key_id: int | None = None
+        self,
+        upload_a: Upload,
+        upload_b: Upload,
+        votes: int | None = None,
+        api_key_id: int | None = None,
+        keep: bool = True,
     ) -> ComparedPair:
-        """Votes on which of two images is better; both are stored and logged first."""
+        """Votes on which of two images is better; both are stored and logged first (with `keep=False`,
+        neither is stored and nothing is logged)."""
         async with self.admitted():
-            return await self._compare(upload_a, upload_b, votes, api_key_id)
+            return await self._compare(upload_a, upload_b, votes, api_key_id, keep)
 
     async def _compare(
-        self, upload_a: Upload, upload_b: Upload, votes: int | None, api_key_id: int | None
+        self, upload_a: Upload, upload_b: Upload, votes: int | None, api_key_id: int | None, keep: bool
     ) -> ComparedPair:
         n = votes or self.settings.compare_votes
         sampling = self.sampling("vote")
 
-        def intake() -> tuple[DecodedImage, DecodedImage, int, int]:
-            for upload in (upload_a, upload_b):
-                self._check_size(upload)
-            a, b = self._decode(upload_a), self._decode(upload_b)
+        def intake() -> tuple[DecodedImage, DecodedImage, int | None, int | None]:
+            a, b = self._decode_all([upload_a, upload_b])
+            if not keep:
+                UNKEPT.inc()
+                return a, b, None, None
             return a, b, self._accept(a, "compare"), self._accept(b, "compare")
 
         decoded_a, decoded_b, id_a, id_b = await asyncio.to_thread(intake)
@@ -324,7 +348,9 @@ class IQAService:
         SAMPLES.labels("vote").inc(len(result.completions))
         PARSE_FAILURES.labels("vote").inc(result.invalid)
 
-        def log_comparison() -> int:
+        def log_comparison() -> int | None:
+            if id_a is None or id_b is None:  # not kept
+                return None
             with self.sessions.begin() as session:
                 row = records.add_comparison(
                     session, id_a, id_b, result, self.settings.prompt_profile, key, latency, api_key_id

@@ -76,6 +76,15 @@ class Settings(BaseSettings):
     rate_limit_storage: str = Field(
         "memory://", description="Where rate-limit counts live: `memory://` (this process) or a redis:// URL."
     )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Images not seen for this many days are deleted with their rows; unset = kept.",
+    )
+    allow_unkept_requests: bool = Field(
+        False,
+        description="Whether a request may ask (keep=false) to be scored without being stored or logged.",
+    )
     max_queued_requests: int = Field(
         256, ge=0, description="Client requests at the engine at once; beyond, 503 at once (0 = unbounded)."
     )

@@ -58,6 +58,14 @@ class ImageStore:
         """The stored bytes; FileNotFoundError when they were never stored."""
         return self.path_for(sha256).read_bytes()
 
+    def delete(self, sha256: str) -> bool:
+        """Remove the bytes for `sha256`; False when they were not there (deleting twice is harmless)."""
+        try:
+            self.path_for(sha256).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
     def put(self, data: bytes, sha256: str | None = None) -> StoredImage:
         """Store `data` unless already there. `sha256`, when given, must be the caller's hash of `data`.
 

@@ -25,11 +25,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -519,14 +520,42 @@ async def execute_round(
         await engines.discard()
 
 
-def _store_labels(session: Session, round_id: int, result: RoundResult, ids: dict[str, int]) -> int:
-    """The round's voted pairs between logged images, as `pseudo_labels` rows (train and hold-out).
+@contextmanager
+def _pool_snapshot(paths: list[Path], root: Path, snapshot: Path) -> Iterator[list[Path]]:
+    """Hard links to the pool's files (a copy across file systems) for the round's lifetime, so deleting
+    an image (on request or by retention) never pulls a file from under the voting or the training."""
+    snapshot.mkdir(parents=True, exist_ok=True)
+    linked: list[Path] = []
+    try:
+        for path in paths:
+            target = snapshot / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, target)
+            except FileNotFoundError:  # deleted before the round started
+                continue
+            except OSError:
+                shutil.copyfile(path, target)
+            linked.append(target)
+        yield linked
+    finally:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def _store_labels(
+    session: Session, round_id: int, result: RoundResult, ids: dict[str, int]
+) -> tuple[int, int]:
+    """The round's voted pairs between logged images, as `pseudo_labels` rows (train and hold-out);
+    returns (stored, dropped because an image was deleted while the round ran).
 
     Same-reference pairs are skipped: each holds a synthetic variant, which is no client image and has
     no `images` row to refer to. They stay in the version's `pseudo_labels.json` with every other pair.
     """
     rows = [row for row in result.labels if row["kind"] == "random"]
-    for row in rows:
+    wanted = {ids[row[key]] for row in rows for key in ("image_i", "image_j")}
+    alive = set(session.scalars(select(Image.id).where(Image.id.in_(wanted)))) if wanted else set()
+    kept = [row for row in rows if ids[row["image_i"]] in alive and ids[row["image_j"]] in alive]
+    for row in kept:
         session.add(
             PseudoLabel(
                 round_id=round_id,
@@ -539,7 +568,7 @@ def _store_labels(session: Session, round_id: int, result: RoundResult, ids: dic
                 holdout=row["split"] == "holdout",
             )
         )
-    return len(rows)
+    return len(kept), len(rows) - len(kept)
 
 
 async def _execute(
@@ -549,10 +578,9 @@ async def _execute(
     start = await asyncio.to_thread(_begin, settings, sessions, round_id)
     config = round_config(settings, start.overrides)
     store_root = Path(settings.image_store or "")
-    with _Tracker(sessions, round_id) as tracker:
-        pool = await asyncio.to_thread(
-            load_pool, store_root, config.max_pixels, [p for p in start.paths if p.exists()]
-        )
+    snapshot = Path(settings.checkpoints_dir or "") / f".pool-of-round-{round_id}"
+    with _Tracker(sessions, round_id) as tracker, _pool_snapshot(start.paths, store_root, snapshot) as paths:
+        pool = await asyncio.to_thread(load_pool, snapshot, config.max_pixels, paths)
         result = await run_round(
             start.parent.path,
             pool,
@@ -570,7 +598,9 @@ async def _execute(
 
     def register() -> ModelSpec | None:
         with sessions() as session:
-            _store_labels(session, round_id, result, start.image_ids)
+            _, dropped = _store_labels(session, round_id, result, start.image_ids)
+            if dropped:  # the audit says so; the version's pseudo_labels.json still lists every pair by hash
+                fields["metrics"] = {**metrics, "pairs_of_deleted_images": dropped}
             version = registry.register_version(
                 session,
                 name=result.model.name,

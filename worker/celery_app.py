@@ -38,7 +38,8 @@ def make_celery(settings: Settings) -> Celery:
             "evolution-schedule": {
                 "task": "worker.tasks.schedule_tick",
                 "schedule": settings.round_check_interval_s,
-            }
+            },
+            "retention": {"task": "worker.tasks.retention_tick", "schedule": settings.round_check_interval_s},
         },
     )
     return app

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 from functools import cache
+from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from iqa.db import make_engine, make_sessionmaker
+from iqa.retention import purge_expired
 from iqa.settings import get_settings
+from iqa.store import ImageStore
 from trainer.lifecycle import WorkerEngines, execute_round, start_scheduled_round
 from worker.celery_app import EVOLVE_TASK, celery_app
 
@@ -28,6 +32,21 @@ def evolve_round(round_id: int) -> str:
     settings = get_settings()
     engines = WorkerEngines(settings, _sessions())
     return asyncio.run(execute_round(round_id, settings, _sessions(), engines))
+
+
+@celery_app.task(name="worker.tasks.retention_tick")
+def retention_tick() -> int:
+    """Delete the images older than `EVOQ_RETENTION_DAYS` (none when it is unset); returns how many."""
+    settings = get_settings()
+    if settings.retention_days is None:
+        return 0
+    with _sessions()() as session:
+        removed = purge_expired(
+            session, ImageStore(Path(settings.image_store or "")), timedelta(days=settings.retention_days)
+        )
+    if removed:
+        log.info("retention: %d images deleted", len(removed))
+    return len(removed)
 
 
 @celery_app.task(name="worker.tasks.schedule_tick")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from datetime import datetime
 from typing import Annotated
 
@@ -14,7 +15,8 @@ from sqlalchemy import select
 from api.auth import AdminDep
 from api.deps import ServiceDep
 from api.errors import error_answers
-from iqa import keys, registry
+from api.routers.images import Sha256
+from iqa import keys, registry, retention
 from iqa.engines.base import EngineUnavailable
 from iqa.models import ApiKey, EvolutionRound, ModelVersion
 from iqa.protocol import RoundOut, VersionOut
@@ -223,3 +225,29 @@ async def revoke_key(key_id: KeyId, service: ServiceDep) -> KeyOut:
             return KeyOut.model_validate(row, from_attributes=True)
 
     return await asyncio.to_thread(revoke)
+
+
+class DeletedOut(BaseModel):
+    """What went with the image."""
+
+    sha256: str
+    predictions: int = Field(description="Predictions (the image's cached results) removed.")
+    comparisons: int
+    pseudo_labels: int
+    bytes_removed: bool = Field(description="False when the bytes were already gone.")
+
+
+@router.delete(
+    "/images/{sha256}", response_model=DeletedOut, responses=error_answers(422), summary="Delete an image"
+)
+async def delete_image(sha256: Sha256, service: ServiceDep) -> DeletedOut:
+    """The bytes, every row that names the image, its cached results; a running round is not disturbed."""
+
+    def remove() -> DeletedOut:
+        with service.sessions() as session:
+            deleted = retention.delete_image(session, service.store, sha256)
+        if deleted is None:
+            raise HTTPException(404, f"no image with sha256 {sha256}")
+        return DeletedOut(**asdict(deleted))
+
+    return await asyncio.to_thread(remove)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from api.auth import ClientKey, RateLimitDep
 from api.deps import ServiceDep
 from api.errors import error_answers
-from api.routers.score import OPTIONAL_VOTES, check_count, read_upload
+from api.routers.score import OPTIONAL_VOTES, check_count, check_keep, read_upload
 from iqa.protocol import CompareResponse, ModelVersionOut, reasoning_texts
 
 router = APIRouter(prefix="/v1", tags=["compare"], dependencies=[RateLimitDep])
@@ -32,11 +32,18 @@ async def compare(
         OPTIONAL_VOTES,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each vote's reasoning text.")] = False,
+    keep: Annotated[
+        bool,
+        Form(
+            description="false: score without storing or logging anything (where EVOQ_ALLOW_UNKEPT_REQUESTS)."
+        ),
+    ] = True,
 ) -> CompareResponse:
     check_count("votes", votes, 2, service.settings.max_samples)
+    check_keep(keep, service.settings.allow_unkept_requests)
     upload_a = await read_upload(image_a, "image_a")
     upload_b = await read_upload(image_b, "image_b")
-    result = await service.compare(upload_a, upload_b, votes, api_key_id)
+    result = await service.compare(upload_a, upload_b, votes, api_key_id, keep)
     return CompareResponse(
         sha256_a=result.sha256_a,
         sha256_b=result.sha256_b,

@@ -27,6 +27,14 @@ OPTIONAL_COUNT = WithJsonSchema({"type": "integer", "minimum": 1})
 OPTIONAL_VOTES = WithJsonSchema({"type": "integer", "minimum": 2})
 
 
+def check_keep(keep: bool, allowed: bool) -> None:
+    """422 for keep=false where the operator does not allow it."""
+    if not keep and not allowed:
+        raise HTTPException(
+            422, "keep: false is not allowed on this service (EVOQ_ALLOW_UNKEPT_REQUESTS is off)"
+        )
+
+
 def check_count(name: str, value: int | None, low: int, high: int) -> None:
     """422 for a sample or vote count outside [low, high]."""
     if value is not None and not low <= value <= high:
@@ -54,15 +62,22 @@ async def score(
         OPTIONAL_COUNT,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each sample's reasoning text.")] = False,
+    keep: Annotated[
+        bool,
+        Form(
+            description="false: score without storing or logging anything (where EVOQ_ALLOW_UNKEPT_REQUESTS)."
+        ),
+    ] = True,
 ) -> ScoreResponse:
     settings = service.settings
+    check_keep(keep, settings.allow_unkept_requests)
     check_count("samples", samples, 1, settings.max_samples)
     if len(images) > settings.max_images_per_request:
         raise HTTPException(
             422, f"images: at most {settings.max_images_per_request} per request; got {len(images)}"
         )
     uploads = [await read_upload(f, "images") for f in images]
-    results = await service.score(uploads, samples, api_key_id)
+    results = await service.score(uploads, samples, api_key_id, keep)
     return ScoreResponse(
         results=[
             ScoreItem(
