@@ -194,11 +194,14 @@ async def run_on_vllm(args: argparse.Namespace, root: Path, model: Path, config)
         )
         windows: dict[str, list[float]] = {}
 
+        stop = asyncio.Event()
+
         def progress(stage: str, done: int, total: int) -> None:
             now = time.perf_counter()
             windows.setdefault(stage, [now, now])[1] = now
+            if stage == "training":  # the client probe is for the voting; on a CPU it would starve training
+                stop.set()
 
-        stop = asyncio.Event()
         probe = asyncio.create_task(score_latencies(serving, probe_images, stop, 0))
         engines = WorkerEngines(settings, None)  # type: ignore[arg-type]  # no database: nothing is promoted
         started = time.perf_counter()
