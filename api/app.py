@@ -12,7 +12,7 @@ from datetime import timedelta
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.limits import BodySizeLimit, RateLimit
+from api.limits import BodySizeLimit, EngineAdmission, RateLimit
 from api.observability import ObservabilityMiddleware, service_registry
 from api.observability import router as metrics_router
 from api.routers import admin, compare, dashboard, health, images, models, score
@@ -127,5 +127,6 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         app.include_router(router)
     body_limit = settings.max_upload_bytes * settings.max_images_per_request + 64 * 1024
     app.add_middleware(BodySizeLimit, max_bytes=body_limit)
+    app.add_middleware(EngineAdmission)  # sheds model requests beyond the queue bound before the body
     app.add_middleware(ObservabilityMiddleware)  # outermost: counts and times every answer, 413s too
     return app

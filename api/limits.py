@@ -9,6 +9,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+from iqa.service import AtCapacity
 
 
 class BodyTooLarge(Exception):
@@ -77,3 +78,26 @@ class RateLimit:
         allowed = self.limiter.hit(self.item, "evoq", who)
         reset, remaining = self.limiter.get_window_stats(self.item, "evoq", who)
         return allowed, remaining, max(1, math.ceil(reset - time.time()))
+
+
+class EngineAdmission:
+    """The door of the bounded engine queue: a model request (`POST /v1/score`, `/v1/compare`) beyond
+    `EVOQ_MAX_QUEUED_REQUESTS` gets 503 with Retry-After before its body is read or anything is stored,
+    so shedding costs almost nothing while the service is overloaded."""
+
+    PATHS = frozenset({"/v1/score", "/v1/compare"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.PATHS:
+            await self.app(scope, receive, send)
+            return
+        service = scope["app"].state.service
+        try:
+            async with service.admitted():
+                await self.app(scope, receive, send)
+        except AtCapacity as error:
+            response = error_response(503, "unavailable", str(error), {"Retry-After": str(error.retry_after)})
+            await response(scope, receive, send)

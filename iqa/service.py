@@ -52,6 +52,10 @@ class Upload:
     field: str = "images"
 
 
+class AtCapacity(EngineUnavailable):
+    """`max_queued_requests` client requests are already at the engine (503 at once)."""
+
+
 @dataclass(frozen=True)
 class ScoredImage:
     """The answer for one image of a score request."""
@@ -211,14 +215,13 @@ class IQAService:
     # ---- score ----------------------------------------------------------------------------------
     @asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
-        """A place at the engine for one client request, or 503 at once when `max_queued_requests` are
-        already there: a bounded wait instead of an unbounded queue. Refused before anything is stored."""
+        """A place at the engine for one client request, or EngineUnavailable (503) at once when
+        `max_queued_requests` are already there: a bounded wait instead of an unbounded queue. Taken by
+        `api.limits.EngineAdmission` before the request's body is even read."""
         limit = self.settings.max_queued_requests
         if limit and self._admitted >= limit:
             SHED.inc()
-            raise EngineUnavailable(
-                f"the service is at capacity ({limit} requests at the engine); retry shortly", 1
-            )
+            raise AtCapacity(f"the service is at capacity ({limit} requests at the engine); retry shortly", 1)
         self._admitted += 1
         IN_FLIGHT.inc()
         try:
@@ -236,8 +239,7 @@ class IQAService:
     ) -> list[ScoredImage]:
         """Score every upload; all are validated before anything is logged or sent to the model. With
         `keep=False` nothing is stored, logged or read from the cache (and no round ever sees it)."""
-        async with self.admitted():
-            return await self._score(uploads, samples, api_key_id, keep)
+        return await self._score(uploads, samples, api_key_id, keep)
 
     def _decode_all(self, uploads: list[Upload]) -> list[DecodedImage]:
         for upload in uploads:
@@ -322,8 +324,7 @@ class IQAService:
     ) -> ComparedPair:
         """Votes on which of two images is better; both are stored and logged first (with `keep=False`,
         neither is stored and nothing is logged)."""
-        async with self.admitted():
-            return await self._compare(upload_a, upload_b, votes, api_key_id, keep)
+        return await self._compare(upload_a, upload_b, votes, api_key_id, keep)
 
     async def _compare(
         self, upload_a: Upload, upload_b: Upload, votes: int | None, api_key_id: int | None, keep: bool
