@@ -239,16 +239,6 @@ class IQAService:
     ) -> list[ScoredImage]:
         """Score every upload; all are validated before anything is logged or sent to the model. With
         `keep=False` nothing is stored, logged or read from the cache (and no round ever sees it)."""
-        return await self._score(uploads, samples, api_key_id, keep)
-
-    def _decode_all(self, uploads: list[Upload]) -> list[DecodedImage]:
-        for upload in uploads:
-            self._check_size(upload)
-        return [self._decode(upload) for upload in uploads]
-
-    async def _score(
-        self, uploads: list[Upload], samples: int | None, api_key_id: int | None, keep: bool
-    ) -> list[ScoredImage]:
         n = samples or self.settings.score_samples
         sampling = self.sampling("score")
         key = self.sampling_key(n, sampling)
@@ -268,6 +258,11 @@ class IQAService:
         for (index, _, _), result in zip(to_score, scored, strict=True):
             results[index] = result
         return [r for r in results if r is not None]
+
+    def _decode_all(self, uploads: list[Upload]) -> list[DecodedImage]:
+        for upload in uploads:
+            self._check_size(upload)
+        return [self._decode(upload) for upload in uploads]
 
     def _check_size(self, upload: Upload) -> None:
         limit = self.settings.max_upload_bytes
@@ -324,11 +319,6 @@ class IQAService:
     ) -> ComparedPair:
         """Votes on which of two images is better; both are stored and logged first (with `keep=False`,
         neither is stored and nothing is logged)."""
-        return await self._compare(upload_a, upload_b, votes, api_key_id, keep)
-
-    async def _compare(
-        self, upload_a: Upload, upload_b: Upload, votes: int | None, api_key_id: int | None, keep: bool
-    ) -> ComparedPair:
         n = votes or self.settings.compare_votes
         sampling = self.sampling("vote")
 

@@ -59,11 +59,10 @@ def _round_view(row: EvolutionRound, version: ModelVersion | None, margins: list
     training = (version.manifest or {}).get("training", {}) if version is not None else {}
     return {
         **RoundOut.of(row).model_dump(mode="json"),
+        # As the gate judged it (soft agreement where the round measured it).
         "agreement": {
-            k: (metrics.get(k) or {}).get(
-                "holdout_soft_agreement", (metrics.get(k) or {}).get("holdout_agreement")
-            )
-            for k in ("before", "after")
+            side: ((row.gate or {}).get("checks", {}).get("agreement") or {}).get(key)
+            for side, key in (("before", "active"), ("after", "candidate"))
         },
         "parse_failure": {k: (metrics.get(k) or {}).get("parse_failure_rate") for k in ("before", "after")},
         "per_step": [

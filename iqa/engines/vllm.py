@@ -366,34 +366,38 @@ class VLLMEngine:
 
     async def generate_on(self, route: _Route, request: GenerationRequest) -> GenerationResult:
         """One request on a given (staged) route; a lost route is EngineUnavailable, never re-routed."""
-        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        urls = await self._image_urls(request)
         await self._open.wait()
-        route.enter()
-        try:
-            texts = await self._complete(route, request, urls)
-        except _RouteLost as error:
-            raise EngineUnavailable(f"the staged adapter {route.adapter} was lost: {error}") from error
-        finally:
-            route.leave()
+        texts = await self._send(route, request, urls)
+        if texts is None:
+            raise EngineUnavailable(f"vLLM lost the staged adapter {route.adapter}")
         return GenerationResult(texts, route.spec)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        if request.n < 1:
-            raise ValueError("n must be at least 1")
-        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        urls = await self._image_urls(request)
         for _ in range(2):
             route = await self._current_route()
-            route.enter()  # no await since the route was read: a swap sees this request
-            try:
-                texts = await self._complete(route, request, urls)
-            except _RouteLost:
-                texts = None
-            finally:
-                route.leave()
+            texts = await self._send(route, request, urls)  # entered at once: a swap sees this request
             if texts is not None:
                 return GenerationResult(texts, route.spec)
             await self._recover(route)
         raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
+
+    async def _image_urls(self, request: GenerationRequest) -> list[str]:
+        if request.n < 1:
+            raise ValueError("n must be at least 1")
+        return await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+
+    async def _send(self, route: _Route, request: GenerationRequest, urls: list[str]) -> list[str] | None:
+        """The completions of `request` on `route`, counted in its in-flight requests; None when the
+        server lost the route (restart, or weights changed under it)."""
+        route.enter()
+        try:
+            return await self._complete(route, request, urls)
+        except _RouteLost:
+            return None
+        finally:
+            route.leave()
 
     # ---- requests ------------------------------------------------------------------------------
     async def _call(self, method: str, path: str, **kwargs: object) -> httpx.Response:
