@@ -53,7 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.05)
-    parser.add_argument("--variants-per-image", type=int, default=0, help="the paper's round-2 option")
+    parser.add_argument(
+        "--variants-per-image",
+        type=int,
+        default=0,
+        help="the paper's round-2 option (paper: 10): adds an arm whose rounds 2.. add this many "
+        "synthetic variants per pool image and same-reference pairs; its round 1 is the plain arm's",
+    )
     parser.add_argument("--bootstrap", type=int, default=2000)
     return parser.parse_args(argv)
 
@@ -76,9 +82,22 @@ def round_config(args: argparse.Namespace, seed: int) -> RoundConfig:
             beta=args.beta,
         ),
     )
-    if args.variants_per_image:
-        config = replace(config, variants_per_image=args.variants_per_image)  # type: ignore[call-arg]
     return config
+
+
+def arms(args: argparse.Namespace) -> list[str]:
+    """The round series of a run: plain rounds, then the shuffled-label control, then variant rounds."""
+    return (
+        ["organism"]
+        + ([] if args.no_control else ["control"])
+        + (["variants"] if args.variants_per_image else [])
+    )
+
+
+def arm_names(arm: str, args: argparse.Namespace) -> list[str]:
+    """The models along one arm, from the base (the variants arm starts from the plain round 1)."""
+    rounds = range(1, args.rounds + 1)
+    return ["base"] + ["organism r1" if arm == "variants" and t == 1 else f"{arm} r{t}" for t in rounds]
 
 
 def write_pool(folder: Path, samples: list, seed: int) -> dict[str, float]:
@@ -140,20 +159,25 @@ def main(argv: list[str] | None = None) -> None:
         if args.rebuild or built != asdict(recipe):
             build_organism(base, recipe, log=lambda line, s=seed: print(f"  [seed {s}] {line}", flush=True))
         build_s = json.loads((base / RECIPE_FILE).read_text())["timings"]["total_s"]
-        for old in [*folder.glob("v[0-9][0-9][0-9]*"), folder / "control"]:  # a previous run's rounds
+        for old in [*folder.glob("v[0-9][0-9][0-9]*"), folder / "control", folder / "variants"]:  # old runs
             shutil.rmtree(old, ignore_errors=True)
         pool = pool_split(args.pool_references, args.pool_per_reference, seed)
         truth = write_pool(folder / "pool", pool, seed)
         seed_started = time.perf_counter()
         models: dict[str, dict[str, Any]] = {"base": {"path": str(base), **evaluate(base)}}
         print(f"[seed {seed}] base: {_line(models['base'])}", flush=True)
-        for arm, shuffle in (("organism", False), ("control", True)):
-            if shuffle and args.no_control:
-                continue
+        for arm in arms(args):
             parent = base
             for t in range(1, args.rounds + 1):
-                config = replace(round_config(args, seed * 100 + t), shuffle_labels=shuffle)
-                target = folder if arm == "organism" else folder / "control"
+                if arm == "variants" and t == 1:  # the paper adds variants in round 2: share round 1
+                    parent = Path(models["organism r1"]["path"])
+                    continue
+                config = replace(
+                    round_config(args, seed * 100 + t),
+                    shuffle_labels=arm == "control",
+                    variants_per_image=args.variants_per_image if arm == "variants" else 0,
+                )
+                target = folder if arm == "organism" else folder / arm
                 result = asyncio.run(run_round(parent, folder / "pool", target, config))
                 rows = json.loads((result.path / "pseudo_labels.json").read_text())
                 metrics = result.manifest["metrics"]
@@ -278,9 +302,7 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             "Base SRCC per distortion type: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()),
             "",
         ]
-    names = ["base"] + [f"organism r{t}" for t in range(1, args.rounds + 1)]
-    if not args.no_control:
-        names += [f"control r{t}" for t in range(1, args.rounds + 1)]
+    names = ["base"] + [n for arm in arms(args) for n in arm_names(arm, args)[1:]]
     lines += [
         "## Over seeds (mean ± sd)",
         "",
@@ -303,16 +325,16 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             f"{_mean_sd([x['single_vote_accuracy'] for x in labels])} |"
         )
     base_plcc = _series(results, "base", "heldout", "plcc")
-    last = f"organism r{args.rounds}"
-    last_plcc = _series(results, last, "heldout", "plcc")
-    if base_plcc and last_plcc:
-        gains = [100 * (b - a) / abs(a) for a, b in zip(base_plcc, last_plcc, strict=True)]
-        lines += [
-            "",
-            f"PLCC change base -> round {args.rounds}: {_mean_sd(gains)} % (per seed: "
-            + ", ".join(f"{g:+.1f}%" for g in gains)
-            + ")",
-        ]
+    for arm in arms(args):
+        last_plcc = _series(results, f"{arm} r{args.rounds}", "heldout", "plcc")
+        if base_plcc and last_plcc:
+            gains = [100 * (b - a) / abs(a) for a, b in zip(base_plcc, last_plcc, strict=True)]
+            lines += [
+                "",
+                f"PLCC change base -> {arm} r{args.rounds}: {_mean_sd(gains)} % (per seed: "
+                + ", ".join(f"{g:+.1f}%" for g in gains)
+                + ")",
+            ]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text
@@ -328,14 +350,17 @@ def plot(out: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
 
     rounds = list(range(args.rounds + 1))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for arm, colour in (("organism", "tab:blue"), ("control", "tab:grey")):
-        if arm == "control" and args.no_control:
-            continue
-        names = ["base"] + [f"{arm} r{t}" for t in rounds[1:]]
+    style = {
+        "organism": ("tab:blue", "EvoQuality rounds"),
+        "control": ("tab:grey", "control (shuffled pseudo-labels)"),
+        "variants": ("tab:purple", f"rounds 2+ with {args.variants_per_image} variants per image"),
+    }
+    for arm in arms(args):
+        colour, label = style[arm]
+        names = arm_names(arm, args)
         per_seed = [[s["models"][n]["heldout"]["srcc"] for n in names] for s in results["seeds"].values()]
         for series in per_seed:
             left.plot(rounds, series, color=colour, alpha=0.3, linewidth=1)
-        label = "EvoQuality rounds" if arm == "organism" else "control (shuffled pseudo-labels)"
         left.plot(rounds, np.mean(per_seed, 0), color=colour, linewidth=2.5, marker="o", label=label)
     left.set_xticks(rounds, ["base"] + [f"round {t}" for t in rounds[1:]])
     left.set_ylabel("held-out SRCC (expected score)")
@@ -369,6 +394,8 @@ def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
     ]
     control = _series(results, f"control r{args.rounds}", "heldout", "srcc")
     tail = f"; control {np.mean(control):.3f}" if control else ""
+    variants = _series(results, f"variants r{args.rounds}", "heldout", "srcc")
+    tail += f"; with variants {np.mean(variants):.3f}" if variants else ""
     return "organism: SRCC " + " -> ".join(parts) + tail
 
 
