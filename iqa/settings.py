@@ -161,6 +161,12 @@ class Settings(BaseSettings):
         description="Gate: held-out agreement must rise by more than this "
         "(0: it must rise; -0.05: it may fall by 0.05).",
     )
+    gate_agreement_z: float = Field(
+        1.645,
+        ge=0,
+        description="Gate: where scores are read in one pass, the per-pair agreement gain must exceed "
+        "this many standard errors (1.645: one-sided 95%; 0: any rise).",
+    )
     validation_csv: Path | None = Field(
         None, description="Optional CSV (image path, mos): the gate then also requires SRCC not to drop."
     )

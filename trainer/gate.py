@@ -16,6 +16,7 @@ promoted: a round that only perturbs the model (the shuffled-label control) must
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +26,9 @@ class GateThresholds:
     """How much worse than the active model a candidate may look on each check."""
 
     min_agreement_gain: float = 0.0  # candidate agreement > active agreement + this (negative: may fall)
+    # With per-pair readings, the mean per-pair gain must also exceed this many standard errors of it
+    # (one-sided; 1.645 is a 5% chance that a model that changed nothing on average passes).
+    agreement_z: float = 1.645
     max_parse_failure: float = 0.10
     min_spread: float = 0.05  # std of per-image mean scores, on the 1-5 scale
     srcc_tolerance: float = 0.0
@@ -57,11 +61,13 @@ def _finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def judge(active: dict[str, float], candidate: dict[str, float], thresholds: GateThresholds) -> GateVerdict:
+def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThresholds) -> GateVerdict:
     """Compare the metrics of the active model and the candidate on the same held-out data.
 
-    Both dicts carry `agreement`, `parse_failure_rate`, `spread`, and optionally `srcc` (labelled set).
-    A metric the candidate cannot produce (NaN) fails its check: it is no evidence of quality.
+    Both dicts carry `agreement`, `parse_failure_rate`, `spread`, and optionally `srcc` (labelled set)
+    and `agreement_pairs` (per-pair read agreement, same pairs in the same order): with those, the gain
+    must also beat `agreement_z` standard errors of the paired gain, so a round that only perturbs the
+    model does not pass by chance. A metric the candidate cannot produce (NaN) fails its check.
     """
     reasons: list[str] = []
     checks: dict[str, Any] = {}
@@ -73,11 +79,19 @@ def judge(active: dict[str, float], candidate: dict[str, float], thresholds: Gat
         checks["agreement"]["skipped"] = "no decided held-out pair could be scored by either model"
     elif not _finite(agreement):
         reasons.append("no held-out agreement could be measured for the candidate")
-    elif _finite(base_agreement) and not agreement > base_agreement + thresholds.min_agreement_gain:
-        reasons.append(
-            f"held-out agreement did not rise enough: {base_agreement:.3f} -> {agreement:.3f} "
-            f"(needs a gain above {thresholds.min_agreement_gain:+.3f})"
-        )
+    elif _finite(base_agreement):
+        needed = thresholds.min_agreement_gain
+        paired = _paired_gain(active.get("agreement_pairs"), candidate.get("agreement_pairs"))
+        if paired is not None:
+            gain, standard_error, n = paired
+            needed = max(needed, thresholds.agreement_z * standard_error)
+            checks["agreement"] |= {"pairs": n, "gain": gain, "standard_error": standard_error}
+        checks["agreement"]["needed_gain"] = needed
+        if not agreement > base_agreement + needed:
+            reasons.append(
+                f"held-out agreement did not rise enough: {base_agreement:.3f} -> {agreement:.3f} "
+                f"(needs a gain above {needed:+.3f})"
+            )
 
     failure = candidate.get("parse_failure_rate")
     if not _finite(failure) or failure > thresholds.max_parse_failure:
@@ -100,16 +114,35 @@ def judge(active: dict[str, float], candidate: dict[str, float], thresholds: Gat
     return GateVerdict(not reasons, reasons, checks)
 
 
-def gate_inputs(metrics: dict[str, Any]) -> dict[str, float]:
-    """The gate's inputs from a round manifest's `before` or `after` metrics (null becomes NaN)."""
+def _paired_gain(before: Any, after: Any) -> tuple[float, float, int] | None:
+    """(mean gain, its standard error, pairs) over the pairs both models read; None without two lists."""
+    if not isinstance(before, list) or not isinstance(after, list) or len(before) != len(after):
+        return None
+    gains = [b - a for a, b in zip(before, after, strict=True) if a is not None and b is not None]
+    if len(gains) < 2:
+        return None
+    return statistics.fmean(gains), statistics.stdev(gains) / math.sqrt(len(gains)), len(gains)
+
+
+def gate_inputs(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The gate's inputs from a round manifest's `before` or `after` metrics (null becomes NaN).
+
+    Agreement is the deterministic read one with its per-pair values where the round read the scores,
+    else the soft sampled one, else the agreement of mean scores (older manifests).
+    """
 
     def value(key: str) -> float:
         v = metrics.get(key)
         return math.nan if v is None else float(v)
 
-    soft = metrics.get("holdout_soft_agreement")
-    return {
-        "agreement": value("holdout_agreement") if soft is None else float(soft),
+    inputs: dict[str, Any] = {
+        "agreement": value("holdout_agreement"),
         "parse_failure_rate": value("parse_failure_rate"),
         "spread": value("score_spread"),
     }
+    if metrics.get("holdout_soft_agreement") is not None:
+        inputs["agreement"] = float(metrics["holdout_soft_agreement"])
+    if "holdout_read_pairs" in metrics:
+        inputs["agreement"] = value("holdout_read_agreement")
+        inputs["agreement_pairs"] = metrics["holdout_read_pairs"]
+    return inputs

@@ -674,6 +674,7 @@ async def _judge(settings: Settings, parent: ModelSpec, result: RoundResult) -> 
         candidate_metrics["srcc"] = await asyncio.to_thread(_validation_srcc, settings, str(result.path))
     thresholds = GateThresholds(
         min_agreement_gain=settings.gate_min_agreement_gain,
+        agreement_z=settings.gate_agreement_z,
         max_parse_failure=settings.gate_max_parse_failure,
         min_spread=settings.gate_min_spread,
     )

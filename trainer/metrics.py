@@ -76,6 +76,27 @@ def soft_pseudo_label_agreement(
     return statistics.fmean(credit) if credit else math.nan
 
 
+def read_pair_agreement(
+    readings: Mapping[Hashable, tuple[float, float] | None], labels: Sequence[PairLabel], gamma: float = 1e-6
+) -> list[float | None]:
+    """Per held-out pair, the Thurstone chance that the preferred image beats the other under the
+    model's read score distributions (mean, std): Phi((mu_w - mu_l) / sqrt(var_w + var_l + gamma)), the
+    reward's own model of a comparison. None for tied labels and unread images. Deterministic and
+    smooth, so a before/after difference per pair is the model's change, not sampling noise.
+    """
+    credit: list[float | None] = []
+    for label in labels:
+        a, b = readings.get(label.i), readings.get(label.j)
+        if label.tie or a is None or b is None:
+            credit.append(None)
+            continue
+        if label.votes_j > label.votes_i:
+            a, b = b, a
+        z = (a[0] - b[0]) / math.sqrt(a[1] ** 2 + b[1] ** 2 + gamma)
+        credit.append(float(stats.norm.cdf(z)))
+    return credit
+
+
 def parse_failure_rate(n_invalid: int, n_total: int) -> float:
     """Share of unparsable completions; NaN when there were none at all."""
     if not 0 <= n_invalid <= n_total:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from iqa.engines.base import Engine, ModelSpec, Sampling
+from iqa.reading import ScoreReading, read_score
 from iqa.scoring import ScoreResult, score_image
 from iqa.settings import PromptProfile
 from trainer import checkpoint
@@ -42,6 +43,7 @@ from trainer.config import RoundConfig, TrainJob
 from trainer.metrics import (
     parse_failure_rate,
     pseudo_label_agreement,
+    read_pair_agreement,
     score_spread,
     soft_pseudo_label_agreement,
 )
@@ -148,8 +150,52 @@ async def score_images(
     return list(await asyncio.gather(*(one(image) for image in images)))
 
 
-def gate_metrics(scores: dict[int, ScoreResult], holdout: Sequence[PairLabel]) -> dict[str, Any]:
-    """The label-free checks of a model on the held-out pairs: agreement, parse failures, spread."""
+async def read_images(
+    engine: Engine,
+    images: Sequence[Image.Image],
+    profile: PromptProfile,
+    concurrency: int = 16,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[ScoreReading]:
+    """The one-pass score reading of every image (round work), at most `concurrency` in flight."""
+    semaphore = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(image: Image.Image) -> ScoreReading:
+        nonlocal done
+        async with semaphore:
+            reading = await read_score(engine, image, profile, background=True)
+        done += 1
+        if progress is not None:
+            progress(done, len(images))
+        return reading
+
+    return list(await asyncio.gather(*(one(image) for image in images)))
+
+
+def gate_metrics(
+    scores: dict[int, ScoreResult],
+    holdout: Sequence[PairLabel],
+    readings: dict[int, ScoreReading] | None = None,
+) -> dict[str, Any]:
+    """The label-free checks of a model on the held-out pairs: agreement, parse failures, spread.
+
+    With `readings`, agreement is also read deterministically, per pair (`holdout_read_pairs`, in
+    `holdout` order), so the gate can compare two models pair by pair.
+    """
+    read: dict[str, Any] = {}
+    if readings is not None:
+        distributions = {
+            index: None if r.score is None else (r.score, r.std or 0.0) for index, r in readings.items()
+        }
+        per_pair = read_pair_agreement(distributions, holdout)
+        counted = [c for c in per_pair if c is not None]
+        read = {
+            "holdout_read_agreement": statistics.fmean(counted) if counted else math.nan,
+            "holdout_read_pairs": per_pair,
+            "read_spread": score_spread({k: r.score for k, r in readings.items()}),
+            "read_coverage": statistics.fmean([r.coverage for r in readings.values()] or [math.nan]),
+        }
     means = {index: result.score for index, result in scores.items()}
     parsed = {index: [v for v in result.scores if v is not None] for index, result in scores.items()}
     samples = sum(result.samples for result in scores.values())
@@ -166,6 +212,7 @@ def gate_metrics(scores: dict[int, ScoreResult], holdout: Sequence[PairLabel]) -
             "pairs": len(holdout),
             "decided_pairs": sum(not label.tie for label in holdout),
             "samples": samples,
+            **read,
         }
     )
 
@@ -468,7 +515,13 @@ async def _score_holdout(
         config.concurrency,
         lambda done, total: report(stage, done, total),
     )
-    return {"model": engine.active.name, **gate_metrics(dict(zip(indices, results, strict=True)), holdout)}
+    readings = await read_images(engine, images, config.profile, config.concurrency)
+    return {
+        "model": engine.active.name,
+        **gate_metrics(
+            dict(zip(indices, results, strict=True)), holdout, dict(zip(indices, readings, strict=True))
+        ),
+    }
 
 
 def _training_preferences(

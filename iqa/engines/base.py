@@ -67,6 +67,27 @@ class GenerationResult:
     model: ModelSpec
 
 
+@dataclass(frozen=True)
+class ReadingRequest:
+    """One chat turn continued by assistant-turn `prefixes`: the next token's log-probability of each
+    of `candidates` (single tokens) after each prefix. A one-pass read of the model's answer."""
+
+    images: tuple[Image.Image, ...]
+    text: str
+    prefixes: tuple[str, ...]
+    candidates: tuple[str, ...]
+    background: bool = False  # round work: served after client requests
+
+
+@dataclass(frozen=True)
+class ReadingResult:
+    """`logprobs[k][c]`: log-probability of candidate c after prefix k, over the whole vocabulary
+    (None where the engine could not see it: vLLM returns only its top tokens)."""
+
+    logprobs: list[list[float | None]]
+    model: ModelSpec
+
+
 @runtime_checkable
 class Engine(Protocol):
     """Generate samples for image chats at the active model version; swap versions atomically."""
@@ -82,6 +103,10 @@ class Engine(Protocol):
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """n completions for one request, all from the same model version."""
+        ...
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        """Next-token log-probabilities after each prefix, all from the same model version."""
         ...
 
     async def activate(self, model: ModelSpec) -> None:

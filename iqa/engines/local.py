@@ -26,6 +26,8 @@ from iqa.engines.base import (
     GenerationRequest,
     GenerationResult,
     ModelSpec,
+    ReadingRequest,
+    ReadingResult,
     Sampling,
 )
 from iqa.engines.constraint import AnswerConstraint, AnswerGrammar
@@ -156,6 +158,43 @@ class LocalEngine:
         await queue.put(_Pending(request, future))
         self._arrived.set()
         return await future
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        """One forward pass over the prefixes, on the generation thread (between generate batches)."""
+        if self._batcher is None:
+            raise EngineUnavailable("the local engine is not started")
+        if not request.background:
+            self._last_client_request = time.monotonic()
+        loaded = self._loaded
+        if loaded is None:
+            raise EngineUnavailable("the model is still loading")
+        loop = asyncio.get_running_loop()
+        try:
+            logprobs = await loop.run_in_executor(self._generate_thread, self._read, loaded, request)
+        except RuntimeError as error:  # the executor is shut down: the engine is closing
+            raise EngineUnavailable(f"the engine cannot read now: {error}") from error
+        return ReadingResult(logprobs, loaded.spec)
+
+    def _read(self, loaded: LoadedModel, request: ReadingRequest) -> list[list[float | None]]:
+        processor = loaded.processor
+        tokenizer = processor.tokenizer
+        candidates = [tokenizer.encode(c, add_special_tokens=False) for c in request.candidates]
+        if any(len(ids) != 1 for ids in candidates):
+            raise ValueError(f"every candidate must be one token: {request.candidates}")
+        prompt = processor.apply_chat_template(
+            chat_messages(request.text, len(request.images)), add_generation_prompt=True, tokenize=False
+        )
+        images = [downscale_for_model(im, self.max_pixels) for im in request.images]
+        inputs = processor(
+            text=[prompt + prefix for prefix in request.prefixes],
+            images=images * len(request.prefixes),
+            return_tensors="pt",
+            padding=True,
+        ).to(loaded.device)
+        with torch.inference_mode():
+            logits = loaded.model(**inputs).logits[:, -1, :].float()
+        chosen = torch.log_softmax(logits, -1)[:, [ids[0] for ids in candidates]]
+        return chosen.cpu().tolist()
 
     def queue_depth(self) -> dict[str, int]:
         """Requests waiting for the model: client requests and round work."""

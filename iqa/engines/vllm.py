@@ -49,6 +49,8 @@ from iqa.engines.base import (
     GenerationRequest,
     GenerationResult,
     ModelSpec,
+    ReadingRequest,
+    ReadingResult,
 )
 from iqa.images import encode_for_transport
 from iqa.settings import PromptProfile
@@ -142,6 +144,29 @@ def chat_payload(
         payload["priority"] = 1
     if sampling.constrain:
         payload["structured_outputs"] = {"regex": answer_regex(profile, sampling.constrain, max_tokens)}
+    return payload
+
+
+def reading_payload(
+    adapter: str, request: ReadingRequest, image_urls: list[str], prefix: str, token_ids: list[int]
+) -> dict:
+    """The chat-completions body that continues the assistant turn from `prefix` by one token and
+    returns the log-probabilities of `token_ids` there (vLLM's `logprob_token_ids`: exact, whatever
+    their rank; greedy, so the one generated token does not matter)."""
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+    content.append({"type": "text", "text": request.text})
+    payload: dict = {
+        "model": adapter,
+        "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": prefix}],
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": True,
+        "logprob_token_ids": token_ids,
+    }
+    if request.background:
+        payload["priority"] = 1
     return payload
 
 
@@ -268,6 +293,7 @@ class VLLMEngine:
         self._swap_lock = asyncio.Lock()
         self._down_until = 0.0
         self._down_message = ""
+        self._candidate_ids: dict[tuple[str, ...], list[int]] = {}  # reading candidates -> token ids
 
     @property
     def active(self) -> ModelSpec:
@@ -383,6 +409,25 @@ class VLLMEngine:
             await self._recover(route)
         raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
 
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        for _ in range(2):
+            route = await self._current_route()
+            logprobs = await self._read_prefixes(route, request, urls)
+            if logprobs is not None:
+                return ReadingResult(logprobs, route.spec)
+            await self._recover(route)
+        raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
+
+    async def read_on(self, route: _Route, request: ReadingRequest) -> ReadingResult:
+        """One reading on a given (staged) route; a lost route is EngineUnavailable, never re-routed."""
+        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        await self._open.wait()
+        logprobs = await self._read_prefixes(route, request, urls)
+        if logprobs is None:
+            raise EngineUnavailable(f"vLLM lost the staged adapter {route.adapter}")
+        return ReadingResult(logprobs, route.spec)
+
     async def _image_urls(self, request: GenerationRequest) -> list[str]:
         if request.n < 1:
             raise ValueError("n must be at least 1")
@@ -441,9 +486,8 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM refused {path} (HTTP {response.status_code}): {_message(response)}")
         return response
 
-    async def _complete(self, route: _Route, request: GenerationRequest, urls: list[str]) -> list[str]:
-        max_tokens = request.sampling.max_new_tokens or route.max_new_tokens
-        payload = chat_payload(route.adapter, request, urls, max_tokens, self.profile)
+    async def _chat(self, route: _Route, payload: dict) -> list[dict]:
+        """The choices of one chat-completions call on `route`; `_RouteLost` when the server lost it."""
         response = await self._call("POST", "/v1/chat/completions", json=payload)
         if response.status_code == 404 and route.adapter in _message(response):
             raise _RouteLost(f"vLLM forgot adapter {route.adapter}")
@@ -453,9 +497,51 @@ class VLLMEngine:
             version = await self._weight_version_after_now()
             if version != route.weight_version:
                 raise _RouteLost(f"vLLM weights changed from {route.weight_version} to {version}")
-        choices = sorted(response.json()["choices"], key=lambda c: c["index"])
-        texts = [c["message"]["content"] or "" for c in choices]
+        return sorted(response.json()["choices"], key=lambda c: c["index"])
+
+    async def _complete(self, route: _Route, request: GenerationRequest, urls: list[str]) -> list[str]:
+        max_tokens = request.sampling.max_new_tokens or route.max_new_tokens
+        payload = chat_payload(route.adapter, request, urls, max_tokens, self.profile)
+        texts = [c["message"]["content"] or "" for c in await self._chat(route, payload)]
         return texts * request.n if payload["n"] < request.n else texts  # greedy: one, repeated
+
+    async def _token_ids(self, adapter: str, candidates: tuple[str, ...]) -> list[int]:
+        """The vocabulary id of each single-token candidate, asked of the server once per candidate set."""
+        if candidates not in self._candidate_ids:
+            ids = []
+            for candidate in candidates:
+                body = {"model": adapter, "prompt": candidate, "add_special_tokens": False}
+                response = await self._call("POST", "/tokenize", json=body)
+                if response.status_code != 200:
+                    raise RuntimeError(f"vLLM could not tokenize {candidate!r}: {_message(response)}")
+                tokens = response.json()["tokens"]
+                if len(tokens) != 1:
+                    raise ValueError(f"every candidate must be one token: {candidate!r} is {tokens}")
+                ids.append(tokens[0])
+            self._candidate_ids[candidates] = ids
+        return self._candidate_ids[candidates]
+
+    async def _read_prefixes(
+        self, route: _Route, request: ReadingRequest, urls: list[str]
+    ) -> list[list[float | None]] | None:
+        """Each prefix's candidate log-probabilities (one call per prefix, sent together; the shared
+        prompt is in vLLM's prefix cache after the first); None when the server lost the route."""
+
+        ids = await self._token_ids(route.adapter, request.candidates)
+
+        async def one(prefix: str) -> list[float | None]:
+            choices = await self._chat(route, reading_payload(route.adapter, request, urls, prefix, ids))
+            listed = choices[0]["logprobs"]["content"][0]["top_logprobs"]
+            seen = {entry["token"]: entry["logprob"] for entry in listed}
+            return [seen.get(candidate) for candidate in request.candidates]
+
+        route.enter()
+        try:
+            return list(await asyncio.gather(*(one(prefix) for prefix in request.prefixes)))
+        except _RouteLost:
+            return None
+        finally:
+            route.leave()
 
     # ---- routes and swaps ----------------------------------------------------------------------
     async def _current_route(self) -> _Route:
@@ -630,6 +716,9 @@ class StagedModel:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         return await self.engine.generate_on(self.route, request)
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        return await self.engine.read_on(self.route, request)
 
     async def activate(self, model: ModelSpec) -> None:
         raise RuntimeError("a staged model is promoted or discarded, not re-activated")

@@ -12,7 +12,7 @@ ACTIVE = {"agreement": 0.70, "parse_failure_rate": 0.02, "spread": 0.6}
 def test_a_candidate_as_good_or_better_passes() -> None:
     verdict = judge(ACTIVE, {"agreement": 0.74, "parse_failure_rate": 0.0, "spread": 0.5}, GateThresholds())
     assert verdict.passed and verdict.reasons == []
-    assert verdict.checks["agreement"] == {"active": 0.70, "candidate": 0.74}
+    assert verdict.checks["agreement"] == {"active": 0.70, "candidate": 0.74, "needed_gain": 0.0}
 
 
 def test_held_out_agreement_must_rise_by_more_than_the_minimum_gain() -> None:
@@ -32,6 +32,54 @@ def test_the_soft_agreement_is_the_gate_input_where_the_metrics_have_it() -> Non
     metrics = {"holdout_agreement": 0.6, "holdout_soft_agreement": 0.64, "parse_failure_rate": 0.0}
     assert gate_inputs(metrics)["agreement"] == 0.64
     assert gate_inputs({**metrics, "holdout_soft_agreement": None})["agreement"] == 0.6
+
+
+def test_read_agreement_per_pair_is_the_gate_input_where_the_round_read_scores() -> None:
+    metrics = {
+        "holdout_agreement": 0.6,
+        "holdout_soft_agreement": 0.64,
+        "holdout_read_agreement": 0.7,
+        "holdout_read_pairs": [0.9, None, 0.5],
+        "parse_failure_rate": 0.0,
+    }
+    inputs = gate_inputs(metrics)
+    assert inputs["agreement"] == 0.7 and inputs["agreement_pairs"] == [0.9, None, 0.5]
+
+
+def _paired(before: list[float], after: list[float]) -> tuple[dict, dict]:
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    active = {**ACTIVE, "agreement": mean(before), "agreement_pairs": before}
+    return active, {**ACTIVE, "agreement": mean(after), "agreement_pairs": after}
+
+
+def test_a_per_pair_gain_must_beat_its_standard_error() -> None:
+    """The same mean gain passes when every pair moved the labelled way, and fails when it is the
+    average of large moves both ways (a perturbation, not a lesson)."""
+    before = [0.5] * 40
+    steady = [0.55] * 39 + [0.56]
+    active, candidate = _paired(before, steady)
+    verdict = judge(active, candidate, GateThresholds())
+    assert verdict.passed, verdict.reasons
+    assert verdict.checks["agreement"]["pairs"] == 40
+    assert 0 < verdict.checks["agreement"]["needed_gain"] < 0.01
+
+    noisy = [0.95 if k % 2 else 0.15 for k in range(40)]  # mean 0.55 as well
+    active, candidate = _paired(before, noisy)
+    verdict = judge(active, candidate, GateThresholds())
+    assert not verdict.passed
+    assert verdict.checks["agreement"]["gain"] == 0.05 or math.isclose(
+        verdict.checks["agreement"]["gain"], 0.05
+    )
+    assert verdict.checks["agreement"]["needed_gain"] > 0.05
+    assert "needs a gain above" in verdict.reasons[0]
+    assert judge(active, candidate, GateThresholds(agreement_z=0.0)).passed  # z = 0: any rise
+
+
+def test_pairs_either_model_could_not_read_are_left_out_of_the_paired_gain() -> None:
+    active, candidate = _paired([0.5, 0.5, 0.5, 0.5], [0.6, 0.61, 0.6, 0.62])
+    active["agreement_pairs"] = [0.5, None, 0.5, 0.5]
+    verdict = judge(active, candidate, GateThresholds())
+    assert verdict.checks["agreement"]["pairs"] == 3
 
 
 def test_a_collapsed_model_is_rejected() -> None:

@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from iqa.demo_model import build_demo_model
-from iqa.engines.base import GenerationRequest, GenerationResult, ModelSpec
+from iqa.engines.base import GenerationRequest, GenerationResult, ModelSpec, ReadingRequest, ReadingResult
 from iqa.prompts import prompt_set
+from iqa.reading import answer_prefix
 from iqa.scoring import ScoreResult
 from tests.imagegen import photo
 from trainer import checkpoint
@@ -43,6 +44,20 @@ class BrightnessEngine:
         else:
             answer = "0" if levels[0] > levels[1] else "1"
         return GenerationResult([f"<think>ok</think> \\boxed{{{answer}}}"] * request.n, self.active)
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        """The same opinions read in one pass: all the probability on the answer's next character."""
+        levels = [image.getpixel((0, 0))[0] for image in request.images]
+        if request.text == prompt_set("evoquality").score_text:
+            answer = f"{1 + 4 * levels[0] / 255:.2f}"
+        else:
+            answer = "0" if levels[0] > levels[1] else "1"
+        rows = []
+        for prefix in request.prefixes:
+            written = prefix[len(answer_prefix("evoquality")) :]  # "" or "d."
+            following = answer[len(written)] if answer.startswith(written) else None
+            rows.append([0.0 if c == following else -30.0 for c in request.candidates])
+        return ReadingResult(rows, self.active)
 
 
 @pytest.fixture(scope="module")

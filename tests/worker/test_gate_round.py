@@ -16,7 +16,14 @@ from sqlalchemy import select
 
 from iqa import registry
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
-from iqa.engines.base import Engine, GenerationRequest, GenerationResult, ModelSpec
+from iqa.engines.base import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    ModelSpec,
+    ReadingRequest,
+    ReadingResult,
+)
 from iqa.models import EvolutionRound, ModelVersion
 from iqa.settings import Settings
 from iqa.store import ImageStore
@@ -35,6 +42,10 @@ class BrokenEngine:
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         return GenerationResult([self.answer] * request.n, self.active)
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        """The same opinion for every image: every candidate equally likely."""
+        return ReadingResult([[-2.3] * len(request.candidates) for _ in request.prefixes], self.active)
 
 
 @pytest.mark.parametrize(
