@@ -169,16 +169,16 @@ def test_a_celery_round_votes_and_evaluates_on_vllm_and_the_worker_loads_no_mode
         votes = manifest["pseudo_labels"]["votes"]
         scores = manifest["metrics"]["before"]["samples"] + manifest["metrics"]["after"]["samples"]
         assert votes == TINY_ROUND["round_pairs"] * TINY_ROUND["round_votes"] and scores > 0
-        # Requests: 2 per voted pair (one per image order), 1 per scored image, 1 check per adapter
-        # the worker loaded (parent, candidate) and 1 for the API loading the promoted version.
+        # Requests: 2 per voted pair (one per image order), 1 per scored image, 5 one-token reads per
+        # scored image (the first digit, then the tenths after 1. to 4.), 1 check per adapter the worker
+        # loaded (parent, candidate) and 1 for the API loading the promoted version.
+        images = manifest["metrics"]["before"]["images"] + manifest["metrics"]["after"]["images"]
         per_request = 1 / 3 if per_completion == 1 / 3 else None
-        if per_request is None:  # vLLM counts completions: votes + score samples + the 1-token checks
-            expected = votes + scores
+        if per_request is None:  # vLLM counts completions: votes + score samples + reads + the checks
+            expected = votes + scores + 5 * images
         else:  # vLLM counts requests
-            pairs = manifest["pseudo_labels"]["pairs"]
-            expected = (
-                2 * pairs + manifest["metrics"]["before"]["images"] + manifest["metrics"]["after"]["images"]
-            )
+            expected = 2 * manifest["pseudo_labels"]["pairs"] + images + 5 * images
+        assert manifest["metrics"]["after"]["holdout_read_pairs"], "the candidate was not read"
         print(
             f"\nround: {served:g} finished on vLLM, expected {expected:g} + 2-3 checks "
             f"(per completion: {per_completion:g}); model loads: {loads.read_text()!r}"
