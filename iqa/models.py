@@ -156,7 +156,9 @@ class Prediction(Base):
     # Digest of everything that changes the output distribution (profile, samples, temperature, ...).
     sampling_key: Mapped[str] = mapped_column(String(200))
     latency_ms: Mapped[float]
-    completions: Mapped[list[str]]
+    completions: Mapped[list[str]]  # empty for a one-pass reading (sampling key `...;mode=fast`)
+    # A one-pass reading's P(first answer digit) for "1".."5"; None for sampled scores.
+    distribution: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     image: Mapped[Image] = relationship()

@@ -5,7 +5,7 @@ Every field is described, so the OpenAPI page documents the API."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -41,16 +41,26 @@ class ModelVersionOut(BaseModel):
         return cls(id=spec.version_id, name=spec.name, untrained=spec.untrained)
 
 
+ScoreMode = Literal["sampled", "fast"]
+
+
 class ScoreItem(BaseModel):
     """The score of one uploaded image."""
 
     sha256: str = Field(description="SHA-256 of the uploaded bytes; the image's id in this service.")
     score: float | None = Field(
-        description="Mean of the valid samples, in [1, 5]; null when no sample gave a parsable score."
+        description="In [1, 5]. sampled: mean of the valid samples, null when none parsed; fast: the "
+        "expected score of the answer-digit distribution."
     )
-    std: float | None = Field(description="Standard deviation of the valid sampled scores.")
-    valid_samples: int = Field(description="Samples whose answer parsed as a score.")
-    samples: int = Field(description="Samples drawn.")
+    std: float | None = Field(
+        description="Standard deviation of the valid sampled scores (fast: of the read distribution)."
+    )
+    valid_samples: int = Field(description="Samples whose answer parsed as a score (0 for fast).")
+    samples: int = Field(description="Samples drawn (0 for fast: nothing is sampled).")
+    mode: ScoreMode = Field("sampled", description="How the score was made: `sampled` or `fast`.")
+    distribution: dict[str, float] | None = Field(
+        None, description="fast: probability of each first answer digit, `1`..`5`; null for sampled."
+    )
     cached: bool = Field(description="True when answered from an earlier identical request.")
     prediction_id: int | None = Field(description="Id of the logged prediction row; null when not kept.")
     model_version: ModelVersionOut = Field(description="The model version that produced this score.")
@@ -77,7 +87,11 @@ class CompareResponse(BaseModel):
     votes_a: int = Field(description="Votes for image_a.")
     votes_b: int = Field(description="Votes for image_b.")
     invalid_votes: int = Field(description="Votes whose answer was not 0 or 1.")
-    votes: int = Field(description="Votes drawn (half with each image shown first).")
+    votes: int = Field(description="Votes drawn (half with each image shown first); 0 for fast.")
+    mode: ScoreMode = Field(
+        "sampled",
+        description="`sampled` votes, or `fast`: one reading of the vote digit in each order, averaged.",
+    )
     comparison_id: int | None = Field(description="Id of the logged comparison row; null when not kept.")
     model_version: ModelVersionOut = Field(description="The model version that cast the votes.")
     reasoning: list[str] | None = Field(None, description="The thinking text of each vote, on request.")

@@ -70,8 +70,10 @@ def add_prediction(
     sampling_key: str,
     latency_ms: float,
     api_key_id: int | None = None,
+    distribution: dict[str, float] | None = None,
 ) -> Prediction:
-    """Log one scoring, with its raw completions and the version that produced it."""
+    """Log one scoring, with its raw completions (or, for a one-pass reading, the distribution of the
+    answer's first digit) and the version that produced it."""
     prediction = Prediction(
         image_id=image_id,
         model_version_id=result.model.version_id,
@@ -84,6 +86,7 @@ def add_prediction(
         sampling_key=sampling_key,
         latency_ms=latency_ms,
         completions=result.completions,
+        distribution=distribution,
     )
     session.add(prediction)
     session.flush()

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy import Engine as DBEngine
 from sqlalchemy.orm import Session, sessionmaker
@@ -29,7 +29,8 @@ from iqa.engines.base import Engine, EngineUnavailable, ModelSpec, Sampling
 from iqa.images import DecodedImage, ImageRejected, check_content_type, decode_image
 from iqa.metrics import CACHE_HITS, IN_FLIGHT, PARSE_FAILURES, SAMPLES, SHED, UNKEPT
 from iqa.models import ModelVersion
-from iqa.scoring import compare_images, score_image
+from iqa.reading import read_compare, read_score
+from iqa.scoring import CompareResult, ScoreResult, compare_images, score_image
 from iqa.settings import Settings
 from iqa.store import ImageStore
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEMO_NAME = "demo (untrained)"
+Mode = Literal["sampled", "fast"]  # sampled reasoning completions, or one reading of the answer digits
 RETRY_FAILED_ACTIVATION_S = 30.0
 
 
@@ -70,6 +72,8 @@ class ScoredImage:
     prediction_id: int | None  # None: the request asked not to be kept
     cached: bool
     latency_ms: float
+    mode: Mode = "sampled"
+    distribution: dict[str, float] | None = None  # fast: P(first answer digit), "1".."5"
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,14 @@ class ComparedPair:
     model: ModelSpec
     comparison_id: int | None  # None: the request asked not to be kept
     latency_ms: float
+    mode: Mode = "sampled"
+
+
+def _winner(prob_a_better: float | None) -> str | None:
+    """'a' or 'b' by a reading's probability; None for exactly even or no reading."""
+    if prob_a_better is None or prob_a_better == 0.5:
+        return None
+    return "a" if prob_a_better > 0.5 else "b"
 
 
 def _where(upload: Upload) -> str:
@@ -138,6 +150,10 @@ class IQAService:
         """The cache key part that says how a result was sampled."""
         return f"{self.settings.prompt_profile};n={n};{sampling.key()}"
 
+    def reading_key(self) -> str:
+        """The cache key part of a one-pass reading (deterministic: nothing else changes it)."""
+        return f"{self.settings.prompt_profile};mode=fast"
+
     # ---- intake ---------------------------------------------------------------------------------
     def _decode(self, upload: Upload) -> DecodedImage:
         """Validate and decode; a rejection names the field and file it is about."""
@@ -158,7 +174,9 @@ class IQAService:
         with self.sessions.begin() as session:
             return records.upsert_image(session, decoded, stored.key, source)
 
-    def _cache_lookup(self, sha256: str, version_id: int, key: str) -> tuple[int, ScoredImage] | None:
+    def _cache_lookup(
+        self, sha256: str, version_id: int, key: str, mode: Mode = "sampled"
+    ) -> tuple[int, ScoredImage] | None:
         """(image id, cached answer) for this image, version and sampling; read only."""
         with self.sessions() as session:
             hit = records.cached_prediction(session, sha256, version_id, key)
@@ -181,11 +199,13 @@ class IQAService:
                 prediction_id=prediction.id,
                 cached=True,
                 latency_ms=0.0,
+                mode=mode,
+                distribution=prediction.distribution,
             )
             return image.id, answer
 
     def _intake(
-        self, uploads: list[Upload], version_id: int, key: str
+        self, uploads: list[Upload], version_id: int, key: str, mode: Mode = "sampled"
     ) -> tuple[list[ScoredImage | None], list[tuple[int, int, DecodedImage]]]:
         """Cache answers and decoded new images of a request, in one trip off the event loop.
 
@@ -198,7 +218,7 @@ class IQAService:
         seen_again: list[int] = []
         for index, upload in enumerate(uploads):
             self._check_size(upload)
-            hit = self._cache_lookup(hashlib.sha256(upload.data).hexdigest(), version_id, key)
+            hit = self._cache_lookup(hashlib.sha256(upload.data).hexdigest(), version_id, key, mode)
             if hit is None:
                 results.append(None)
                 new.append((index, self._decode(upload)))
@@ -236,22 +256,25 @@ class IQAService:
         samples: int | None = None,
         api_key_id: int | None = None,
         keep: bool = True,
+        mode: Mode = "sampled",
     ) -> list[ScoredImage]:
         """Score every upload; all are validated before anything is logged or sent to the model. With
-        `keep=False` nothing is stored, logged or read from the cache (and no round ever sees it)."""
+        `keep=False` nothing is stored, logged or read from the cache (and no round ever sees it).
+        `mode="fast"` reads the answer-digit distribution in one pass instead of sampling (`samples`
+        is then unused)."""
         n = samples or self.settings.score_samples
         sampling = self.sampling("score")
-        key = self.sampling_key(n, sampling)
+        key = self.sampling_key(n, sampling) if mode == "sampled" else self.reading_key()
         version_id = self.engine.active.version_id
         if keep:
-            results, to_score = await asyncio.to_thread(self._intake, uploads, version_id, key)
+            results, to_score = await asyncio.to_thread(self._intake, uploads, version_id, key, mode)
         else:
             UNKEPT.inc()
             decoded = await asyncio.to_thread(self._decode_all, uploads)
             results, to_score = [None] * len(uploads), [(k, None, d) for k, d in enumerate(decoded)]
         scored = await asyncio.gather(
             *(
-                self._score_one(image_id, decoded, n, sampling, key, api_key_id)
+                self._score_one(image_id, decoded, n, sampling, key, api_key_id, mode)
                 for _, image_id, decoded in to_score
             )
         )
@@ -278,9 +301,17 @@ class IQAService:
         sampling: Sampling,
         key: str,
         api_key_id: int | None,
+        mode: Mode = "sampled",
     ) -> ScoredImage:
         started = time.perf_counter()
-        result = await score_image(self.engine, decoded.image, n, sampling, self.settings.prompt_profile)
+        profile = self.settings.prompt_profile
+        distribution = None
+        if mode == "fast":
+            reading = await read_score(self.engine, decoded.image, profile)
+            result = ScoreResult(reading.score, reading.std, 0, 0, [], [], reading.model)
+            distribution = reading.first_digit
+        else:
+            result = await score_image(self.engine, decoded.image, n, sampling, profile)
         latency = (time.perf_counter() - started) * 1000
         SAMPLES.labels("score").inc(result.samples)
         PARSE_FAILURES.labels("score").inc(result.samples - result.valid)
@@ -290,7 +321,7 @@ class IQAService:
                 return None
             with self.sessions.begin() as session:
                 row = records.add_prediction(
-                    session, image_id, result, self.settings.prompt_profile, key, latency, api_key_id
+                    session, image_id, result, profile, key, latency, api_key_id, distribution
                 )
                 return row.id
 
@@ -306,6 +337,8 @@ class IQAService:
             prediction_id=prediction_id,
             cached=False,
             latency_ms=latency,
+            mode=mode,
+            distribution=distribution,
         )
 
     # ---- compare --------------------------------------------------------------------------------
@@ -316,9 +349,11 @@ class IQAService:
         votes: int | None = None,
         api_key_id: int | None = None,
         keep: bool = True,
+        mode: Mode = "sampled",
     ) -> ComparedPair:
         """Votes on which of two images is better; both are stored and logged first (with `keep=False`,
-        neither is stored and nothing is logged)."""
+        neither is stored and nothing is logged). `mode="fast"` reads the vote digit's distribution in
+        both orders instead of sampling votes (`votes` is then unused)."""
         n = votes or self.settings.compare_votes
         sampling = self.sampling("vote")
 
@@ -331,11 +366,15 @@ class IQAService:
 
         decoded_a, decoded_b, id_a, id_b = await asyncio.to_thread(intake)
         started = time.perf_counter()
-        result = await compare_images(
-            self.engine, decoded_a.image, decoded_b.image, n, sampling, self.settings.prompt_profile
-        )
+        profile = self.settings.prompt_profile
+        if mode == "fast":
+            reading = await read_compare(self.engine, decoded_a.image, decoded_b.image, profile)
+            result = CompareResult(0, 0, 0, reading.prob_a_better, [], [], reading.model)
+            key = self.reading_key()
+        else:
+            result = await compare_images(self.engine, decoded_a.image, decoded_b.image, n, sampling, profile)
+            key = self.sampling_key(n, sampling)
         latency = (time.perf_counter() - started) * 1000
-        key = self.sampling_key(n, sampling)
         SAMPLES.labels("vote").inc(len(result.completions))
         PARSE_FAILURES.labels("vote").inc(result.invalid)
 
@@ -356,11 +395,12 @@ class IQAService:
             votes_b=result.votes_b,
             invalid=result.invalid,
             prob_a_better=result.prob_a_better,
-            winner=result.winner,
+            winner=_winner(result.prob_a_better) if mode == "fast" else result.winner,
             completions=result.completions,
             model=result.model,
             comparison_id=comparison_id,
             latency_ms=latency,
+            mode=mode,
         )
 
     # ---- model version ----------------------------------------------------------------------------

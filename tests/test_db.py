@@ -26,7 +26,7 @@ from iqa.db import (
 )
 from iqa.models import Base, Comparison, Image, ModelVersion, Prediction
 
-HEAD = "0003"  # the newest migration; bump with each new one
+HEAD = "0004"  # the newest migration; bump with each new one
 
 # Column name -> nullable, per table: the schema the application relies on.
 EXPECTED_COLUMNS = {
@@ -102,6 +102,7 @@ EXPECTED_COLUMNS = {
         "sampling_key": False,
         "latency_ms": False,
         "completions": False,
+        "distribution": True,
         "created_at": False,
     },
     "comparisons": {

@@ -9,8 +9,8 @@ from fastapi import APIRouter, File, Form, UploadFile
 from api.auth import ClientKey, RateLimitDep
 from api.deps import ServiceDep
 from api.errors import error_answers
-from api.routers.score import OPTIONAL_VOTES, check_count, check_keep, read_upload
-from iqa.protocol import CompareResponse, ModelVersionOut, reasoning_texts
+from api.routers.score import MODE_HELP, OPTIONAL_VOTES, check_count, check_keep, read_upload
+from iqa.protocol import CompareResponse, ModelVersionOut, ScoreMode, reasoning_texts
 
 router = APIRouter(prefix="/v1", tags=["compare"], dependencies=[RateLimitDep])
 
@@ -32,6 +32,7 @@ async def compare(
         OPTIONAL_VOTES,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each vote's reasoning text.")] = False,
+    mode: Annotated[ScoreMode, Form(description=MODE_HELP)] = "sampled",
     keep: Annotated[
         bool,
         Form(
@@ -43,7 +44,7 @@ async def compare(
     check_keep(keep, service.settings.allow_unkept_requests)
     upload_a = await read_upload(image_a, "image_a")
     upload_b = await read_upload(image_b, "image_b")
-    result = await service.compare(upload_a, upload_b, votes, api_key_id, keep)
+    result = await service.compare(upload_a, upload_b, votes, api_key_id, keep, mode)
     return CompareResponse(
         sha256_a=result.sha256_a,
         sha256_b=result.sha256_b,
@@ -56,4 +57,5 @@ async def compare(
         comparison_id=result.comparison_id,
         model_version=ModelVersionOut.of(result.model),
         reasoning=reasoning_texts(result.completions) if return_reasoning else None,
+        mode=result.mode,
     )

@@ -10,7 +10,7 @@ from pydantic import WithJsonSchema
 from api.auth import ClientKey, RateLimitDep
 from api.deps import ServiceDep
 from api.errors import error_answers
-from iqa.protocol import ModelVersionOut, ScoreItem, ScoreResponse, reasoning_texts
+from iqa.protocol import ModelVersionOut, ScoreItem, ScoreMode, ScoreResponse, reasoning_texts
 from iqa.service import Upload
 
 router = APIRouter(prefix="/v1", tags=["score"], dependencies=[RateLimitDep])
@@ -25,6 +25,10 @@ async def read_upload(file: UploadFile, field: str) -> Upload:
 # upper bound is a setting (EVOQ_MAX_SAMPLES), checked by `check_count`.
 OPTIONAL_COUNT = WithJsonSchema({"type": "integer", "minimum": 1})
 OPTIONAL_VOTES = WithJsonSchema({"type": "integer", "minimum": 2})
+MODE_HELP = (
+    "sampled (default): reasoning completions, averaged; fast: one deterministic pass that reads the "
+    "answer's digit distribution after a think-free prefix (samples/votes unused)."
+)
 
 
 def check_keep(keep: bool, allowed: bool) -> None:
@@ -62,6 +66,7 @@ async def score(
         OPTIONAL_COUNT,
     ] = None,
     return_reasoning: Annotated[bool, Form(description="Include each sample's reasoning text.")] = False,
+    mode: Annotated[ScoreMode, Form(description=MODE_HELP)] = "sampled",
     keep: Annotated[
         bool,
         Form(
@@ -77,7 +82,7 @@ async def score(
             422, f"images: at most {settings.max_images_per_request} per request; got {len(images)}"
         )
     uploads = [await read_upload(f, "images") for f in images]
-    results = await service.score(uploads, samples, api_key_id, keep)
+    results = await service.score(uploads, samples, api_key_id, keep, mode)
     return ScoreResponse(
         results=[
             ScoreItem(
@@ -90,6 +95,8 @@ async def score(
                 prediction_id=r.prediction_id,
                 model_version=ModelVersionOut.of(r.model),
                 reasoning=reasoning_texts(r.completions) if return_reasoning else None,
+                mode=r.mode,
+                distribution=r.distribution,
             )
             for r in results
         ]

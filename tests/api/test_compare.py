@@ -102,3 +102,22 @@ def test_compare_uses_the_configured_default_votes(server: LiveServer) -> None:
     body = response.json()
     check_vote_arithmetic(body, server.settings.compare_votes)
     assert len(server.comparison(body["comparison_id"]).completions) == server.settings.compare_votes
+
+
+def test_a_fast_comparison_reads_both_orders_and_is_logged(server: LiveServer) -> None:
+    seed = unique_seed()
+    a, b = jpeg(seed, w=64, h=48), png(seed + 1, w=48, h=48)
+
+    ab = server.compare(a, b, mode="fast")
+    ba = server.compare(b, a, mode="fast")
+
+    assert ab.status_code == 200 and ba.status_code == 200, (ab.text, ba.text)
+    forward, backward = ab.json(), ba.json()
+    assert forward["mode"] == "fast" and forward["votes"] == 0 and forward["invalid_votes"] == 0
+    assert 0.0 < forward["prob_a_better"] < 1.0
+    assert forward["prob_a_better"] == pytest.approx(1 - backward["prob_a_better"], abs=1e-6)
+    assert forward["winner"] == ("a" if forward["prob_a_better"] > 0.5 else "b")
+    assert backward["winner"] != forward["winner"]
+    row = server.comparison(forward["comparison_id"])
+    assert row.sampling_key.endswith("mode=fast") and row.completions == []
+    assert row.prob_a_better == pytest.approx(forward["prob_a_better"])

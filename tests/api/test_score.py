@@ -205,6 +205,42 @@ def test_different_samples_is_a_cache_miss(server: LiveServer) -> None:
     assert server.image_row(sha).times_seen == 3
 
 
+def test_a_fast_score_is_one_deterministic_reading_cached_apart_from_sampled_ones(server: LiveServer) -> None:
+    data = jpeg(unique_seed())
+    sha = sha256(data)
+
+    fast = only_result(server.score(data, mode="fast"))
+    assert fast["mode"] == "fast" and fast["cached"] is False
+    assert 1.0 <= fast["score"] <= 5.0 and fast["std"] > 0
+    assert fast["samples"] == 0 and fast["valid_samples"] == 0
+    assert sorted(fast["distribution"]) == ["1", "2", "3", "4", "5"]
+    assert sum(fast["distribution"].values()) == pytest.approx(1.0)
+
+    sampled = only_result(server.score(data, samples=2))
+    assert sampled["mode"] == "sampled" and sampled["cached"] is False and sampled["distribution"] is None
+    again = only_result(server.score(data, mode="fast"))
+    assert again["cached"] is True and again["prediction_id"] == fast["prediction_id"]
+    assert again["score"] == fast["score"] and again["distribution"] == fast["distribution"]
+
+    [row] = [p for p in server.predictions(sha) if p.id == fast["prediction_id"]]
+    assert row.sampling_key.endswith("mode=fast") and row.completions == []
+    assert row.distribution == fast["distribution"] and row.score == fast["score"]
+
+    # Not cached the second time round (keep=false reads nothing from the cache): the same number.
+    other = jpeg(unique_seed())
+    first = only_result(server.score(other, mode="fast"))
+    with server.session() as session:
+        session.execute(text("DELETE FROM predictions WHERE id = :id"), {"id": first["prediction_id"]})
+        session.commit()
+    assert only_result(server.score(other, mode="fast"))["score"] == first["score"]
+
+
+def test_an_unknown_mode_is_a_422(server: LiveServer) -> None:
+    response = server.score(jpeg(unique_seed()), mode="quick")
+    assert response.status_code == 422
+    assert "mode" in error_of(response)["message"]
+
+
 def test_a_rejected_request_does_not_count_its_cached_image_as_seen(server: LiveServer) -> None:
     """A request that is refused (422) must leave the database as it was, cached images included."""
     good = jpeg(unique_seed())
