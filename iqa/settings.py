@@ -135,7 +135,11 @@ class Settings(BaseSettings):
         4, ge=2, description="Images per GRPO step (whole pairs; paper: 4 per GPU)."
     )
     round_eval_samples: int = Field(
-        8, ge=1, le=64, description="Score samples per held-out image when the gate compares models."
+        2,
+        ge=1,
+        le=64,
+        description="Sampled answers per held-out image for the gate's parse-failure and spread checks "
+        "(agreement is read in one pass).",
     )
     round_method: Literal["lora", "full"] = Field("lora", description="LoRA adapter or full fine-tuning.")
     round_lora_rank: int = Field(

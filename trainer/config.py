@@ -75,7 +75,7 @@ class RoundConfig:
     holdout: float = 0.2  # share of pairs kept out of training to judge the new model
     label_rule: LabelRule = "hard"
     min_margin: float = 0.0
-    eval_samples: int = 8  # score samples per held-out image, for the gate metrics
+    eval_samples: int = 2  # sampled answers per held-out image: the gate's parse and spread checks
     temperature: float = 1.0
     max_new_tokens: int | None = None  # completion budget for votes, scores and rollouts
     constrain_answers: bool | None = None  # None: on for the untrained demo lineage only

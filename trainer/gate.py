@@ -127,8 +127,10 @@ def _paired_gain(before: Any, after: Any) -> tuple[float, float, int] | None:
 def gate_inputs(metrics: dict[str, Any]) -> dict[str, Any]:
     """The gate's inputs from a round manifest's `before` or `after` metrics (null becomes NaN).
 
-    Agreement is the deterministic read one with its per-pair values where the round read the scores,
-    else the soft sampled one, else the agreement of mean scores (older manifests).
+    Agreement is the deterministic read one (with its per-pair values) where the round read the scores,
+    else the soft sampled one, else the agreement of mean scores (older manifests). Spread stays the
+    sampled one: the untrained demo reads almost the same score for every image (spread about 0.002),
+    and would be refused as collapsed by a read spread.
     """
 
     def value(key: str) -> float:
