@@ -15,7 +15,7 @@ from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, EngineAdmission, RateLimit
 from api.observability import ObservabilityMiddleware, service_registry
 from api.observability import router as metrics_router
-from api.routers import admin, compare, dashboard, health, images, models, score
+from api.routers import admin, compare, dashboard, health, images, models, rank, score
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.engines import build_engine
 from iqa.retention import purge_expired
@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 DESCRIPTION = """Perceptual image-quality assessment with a vision-language model (EvoQuality).
 
 `POST /v1/score` rates images from 1 (very poor) to 5 (excellent); `POST /v1/compare` says which of two
-images looks better, with a probability. Every image is stored and logged; errors are always
+images looks better, with a probability; `POST /v1/rank` orders a set of 2 to 64 images from pairwise
+votes, with latent scores and 95% intervals. Every image is stored and logged; errors are always
 `{"error": {"type": ..., "message": ...}}`.
 """
 
@@ -122,7 +123,8 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
 
     app = FastAPI(title="EvoQuality Service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)
-    routers = (score.router, compare.router, images.router, models.router, health.router, admin.router)
+    routers = (score.router, compare.router, rank.router, images.router, models.router, health.router)
+    routers = (*routers, admin.router)
     for router in (*routers, dashboard.page_router, dashboard.data_router, metrics_router):
         app.include_router(router)
     body_limit = settings.max_upload_bytes * settings.max_images_per_request + 64 * 1024

@@ -81,11 +81,11 @@ class RateLimit:
 
 
 class EngineAdmission:
-    """The door of the bounded engine queue: a model request (`POST /v1/score`, `/v1/compare`) beyond
-    `EVOQ_MAX_QUEUED_REQUESTS` gets 503 with Retry-After before its body is read or anything is stored,
-    so shedding costs almost nothing while the service is overloaded."""
+    """The door of the bounded engine queue: a model request (`POST /v1/score`, `/v1/compare`,
+    `/v1/rank`) beyond `EVOQ_MAX_QUEUED_REQUESTS` gets 503 with Retry-After before its body is read or
+    anything is stored, so shedding costs almost nothing while the service is overloaded."""
 
-    PATHS = frozenset({"/v1/score", "/v1/compare"})
+    PATHS = frozenset({"/v1/score", "/v1/compare", "/v1/rank"})
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

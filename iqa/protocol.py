@@ -97,6 +97,39 @@ class CompareResponse(BaseModel):
     reasoning: list[str] | None = Field(None, description="The thinking text of each vote, on request.")
 
 
+class RankItem(BaseModel):
+    """One image of a ranked set, in rank order."""
+
+    rank: int = Field(description="1 = best.")
+    index: int = Field(description="Position of the image in the request's `images`.")
+    sha256: str = Field(description="SHA-256 of the uploaded bytes.")
+    score: float = Field(description="Bradley-Terry latent score (log-odds scale; differences matter).")
+    ci_low: float = Field(description="Lower end of the score's 95% interval (Laplace approximation).")
+    ci_high: float = Field(description="Upper end of the score's 95% interval.")
+    wins: int = Field(description="Votes this image won.")
+    losses: int = Field(description="Votes this image lost.")
+
+
+class RankPair(BaseModel):
+    """The votes between two images of the set (indices into `images`)."""
+
+    a: int = Field(description="Index of the first image.")
+    b: int = Field(description="Index of the second image.")
+    votes_a: int = Field(description="Votes for image a.")
+    votes_b: int = Field(description="Votes for image b.")
+    invalid_votes: int = Field(description="Votes whose answer was not 0 or 1.")
+    comparison_ids: list[int] = Field(description="The logged comparison rows (empty when not kept).")
+
+
+class RankResponse(BaseModel):
+    """The set in rank order, with latent scores, intervals, and the votes they came from."""
+
+    results: list[RankItem] = Field(description="Every image once, best first.")
+    pairs: list[RankPair] = Field(description="Every compared pair and its votes.")
+    votes: int = Field(description="Votes cast in all.")
+    model_version: ModelVersionOut = Field(description="The model version that cast the votes.")
+
+
 class PredictionOut(BaseModel):
     """A logged prediction."""
 

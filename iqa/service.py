@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy import Engine as DBEngine
 from sqlalchemy.orm import Session, sessionmaker
 
-from iqa import records, registry
+from iqa import ranking, records, registry
 from iqa.db import check_database, make_engine, make_sessionmaker
 from iqa.demo_model import build_demo_model, demo_name, is_demo_model, is_untrained
 from iqa.engines.base import Engine, EngineUnavailable, ModelSpec, Sampling
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 DEMO_NAME = "demo (untrained)"
 Mode = Literal["sampled", "fast"]  # sampled reasoning completions, or one reading of the answer digits
 RETRY_FAILED_ACTIVATION_S = 30.0
+MIN_RANK_IMAGES, MAX_RANK_IMAGES = 2, 64
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,16 @@ class ComparedPair:
     comparison_id: int | None  # None: the request asked not to be kept
     latency_ms: float
     mode: Mode = "sampled"
+
+
+@dataclass(frozen=True)
+class RankedSet:
+    """The answer for a rank request: the images as decoded, the votes and fit, the comparison rows."""
+
+    images: list[DecodedImage]
+    plan: ranking.RankPlan
+    model: ModelSpec
+    comparison_ids: dict[tuple[int, int], list[int]]  # per pair (i < j): its logged comparisons
 
 
 def _winner(prob_a_better: float | None) -> str | None:
@@ -402,6 +413,81 @@ class IQAService:
             latency_ms=latency,
             mode=mode,
         )
+
+    # ---- rank -----------------------------------------------------------------------------------
+    async def rank(
+        self,
+        uploads: list[Upload],
+        budget: int | None = None,
+        api_key_id: int | None = None,
+        keep: bool = True,
+        seed: int | None = None,
+    ) -> RankedSet:
+        """Rank a set of images by pairwise votes (`iqa.ranking`): all are validated, stored and logged
+        first; every comparison is logged like a `/v1/compare` one (nothing with `keep=False`).
+        `budget` is the total of votes (default `compare_votes` per image, at least two per design pair)."""
+        n = len(uploads)
+        design = len(ranking.design_pairs(n, 0)) if n >= 2 else 0
+        if not MIN_RANK_IMAGES <= n <= MAX_RANK_IMAGES:
+            raise ImageRejected(
+                422, "bad_request", f"images: {MIN_RANK_IMAGES} to {MAX_RANK_IMAGES}; got {n}"
+            )
+        budget = budget or max(2 * design, self.settings.compare_votes * n)
+        if budget < 2 * design:
+            raise ImageRejected(
+                422, "bad_request", f"votes: {n} images need at least {2 * design} (two per first pair)"
+            )
+        sampling = self.sampling("vote")
+        key = self.sampling_key(2, sampling)
+        profile = self.settings.prompt_profile
+
+        def intake() -> tuple[list[DecodedImage], list[int | None]]:
+            decoded = self._decode_all(uploads)
+            first: dict[str, int] = {}
+            for k, image in enumerate(decoded):
+                if image.sha256 in first:
+                    raise ImageRejected(
+                        422,
+                        "duplicate_image",
+                        f"images[{k}] is the same file as images[{first[image.sha256]}]; "
+                        "rank distinct images",
+                    )
+                first[image.sha256] = k
+            if not keep:
+                UNKEPT.inc()
+                return decoded, [None] * n
+            return decoded, [self._accept(image, "rank") for image in decoded]
+
+        decoded, ids = await asyncio.to_thread(intake)
+        models: dict[int, ModelSpec] = {}
+        logged: dict[tuple[int, int], list[int]] = {}
+
+        async def vote(i: int, j: int, k: int) -> tuple[int, int, int]:
+            started = time.perf_counter()
+            result = await compare_images(
+                self.engine, decoded[i].image, decoded[j].image, k, sampling, profile
+            )
+            latency = (time.perf_counter() - started) * 1000
+            models[result.model.version_id] = result.model
+            SAMPLES.labels("vote").inc(len(result.completions))
+            PARSE_FAILURES.labels("vote").inc(result.invalid)
+            id_i, id_j = ids[i], ids[j]
+            if id_i is not None and id_j is not None:
+
+                def log_comparison() -> int:
+                    with self.sessions.begin() as session:
+                        row = records.add_comparison(
+                            session, id_i, id_j, result, profile, key, latency, api_key_id
+                        )
+                        return row.id
+
+                logged.setdefault((min(i, j), max(i, j)), []).append(await asyncio.to_thread(log_comparison))
+            return result.votes_a, result.votes_b, result.invalid
+
+        plan = await ranking.rank(n, budget, 2, vote, seed=0 if seed is None else seed)
+        if len(models) != 1:
+            raise EngineUnavailable("the model version changed while the set was ranked; ask again", 1)
+        return RankedSet(images=decoded, plan=plan, model=next(iter(models.values())), comparison_ids=logged)
 
     # ---- model version ----------------------------------------------------------------------------
     def _active_spec_in_db(self) -> ModelSpec | None:

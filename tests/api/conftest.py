@@ -189,6 +189,10 @@ class LiveServer:
         files = [("image_a", upload("a", a)), ("image_b", upload("b", b))]
         return self.http.post("/v1/compare", files=files, data=form_fields(form))
 
+    def rank(self, *images: bytes, **form: Any) -> httpx.Response:
+        files = [("images", upload(f"img{i}", data)) for i, data in enumerate(images)]
+        return self.http.post("/v1/rank", files=files, data=form_fields(form))
+
     # ---- the database and the store, read independently of the server ----------------------------------
     def session(self) -> Session:
         return Session(self.db, expire_on_commit=False)
