@@ -18,7 +18,16 @@ from typing import Any
 
 import httpx
 
-from iqa.protocol import CompareResponse, ImageOut, ModelsResponse, RoundOut, ScoreResponse, VersionOut
+from iqa.protocol import (
+    CompareResponse,
+    ImageOut,
+    ModelsResponse,
+    RankResponse,
+    RoundOut,
+    ScoreMode,
+    ScoreResponse,
+    VersionOut,
+)
 
 FINAL_STATES = ("succeeded", "rejected", "failed", "cancelled")
 ImageInput = Path | str | bytes
@@ -51,9 +60,11 @@ def _file(image: ImageInput, name: str) -> tuple[str, bytes]:
     return path.name, path.read_bytes()
 
 
-def _score_form(images: Sequence[ImageInput], samples: int | None, reasoning: bool) -> dict[str, Any]:
+def _score_form(
+    images: Sequence[ImageInput], samples: int | None, reasoning: bool, mode: ScoreMode
+) -> dict[str, Any]:
     files = [("images", _file(image, f"image{k}")) for k, image in enumerate(images)]
-    data: dict[str, str] = {}
+    data: dict[str, str] = {"mode": mode}
     if samples is not None:
         data["samples"] = str(samples)
     if reasoning:
@@ -61,8 +72,13 @@ def _score_form(images: Sequence[ImageInput], samples: int | None, reasoning: bo
     return {"files": files, "data": data}
 
 
-def _compare_form(a: ImageInput, b: ImageInput, votes: int | None) -> dict[str, Any]:
+def _compare_form(a: ImageInput, b: ImageInput, votes: int | None, mode: ScoreMode) -> dict[str, Any]:
     files = {"image_a": _file(a, "a"), "image_b": _file(b, "b")}
+    return {"files": files, "data": {"mode": mode} | ({} if votes is None else {"votes": str(votes)})}
+
+
+def _rank_form(images: Sequence[ImageInput], votes: int | None) -> dict[str, Any]:
+    files = [("images", _file(image, f"image{k}")) for k, image in enumerate(images)]
     return {"files": files, "data": {} if votes is None else {"votes": str(votes)}}
 
 
@@ -92,16 +108,26 @@ class Client(_Common):
         return _raise_for(self.http.request(method, path, headers=headers, **kwargs)).json()
 
     def score(
-        self, images: Sequence[ImageInput], samples: int | None = None, reasoning: bool = False
+        self,
+        images: Sequence[ImageInput],
+        samples: int | None = None,
+        reasoning: bool = False,
+        mode: ScoreMode = "sampled",
     ) -> ScoreResponse:
-        """Scores of the images (paths or bytes), in order."""
-        return ScoreResponse.model_validate(
-            self._call("POST", "/v1/score", **_score_form(images, samples, reasoning))
-        )
+        """Scores of the images (paths or bytes), in order; `mode="fast"`: one deterministic reading."""
+        form = _score_form(images, samples, reasoning, mode)
+        return ScoreResponse.model_validate(self._call("POST", "/v1/score", **form))
 
-    def compare(self, a: ImageInput, b: ImageInput, votes: int | None = None) -> CompareResponse:
+    def compare(
+        self, a: ImageInput, b: ImageInput, votes: int | None = None, mode: ScoreMode = "sampled"
+    ) -> CompareResponse:
         """Which of two images looks better."""
-        return CompareResponse.model_validate(self._call("POST", "/v1/compare", **_compare_form(a, b, votes)))
+        form = _compare_form(a, b, votes, mode)
+        return CompareResponse.model_validate(self._call("POST", "/v1/compare", **form))
+
+    def rank(self, images: Sequence[ImageInput], votes: int | None = None) -> RankResponse:
+        """The images in quality order, with latent scores and 95% intervals."""
+        return RankResponse.model_validate(self._call("POST", "/v1/rank", **_rank_form(images, votes)))
 
     def image(self, sha256: str) -> ImageOut:
         return ImageOut.model_validate(self._call("GET", f"/v1/images/{sha256}"))
@@ -173,15 +199,24 @@ class AsyncClient(_Common):
         return _raise_for(await self.http.request(method, path, headers=headers, **kwargs)).json()
 
     async def score(
-        self, images: Sequence[ImageInput], samples: int | None = None, reasoning: bool = False
+        self,
+        images: Sequence[ImageInput],
+        samples: int | None = None,
+        reasoning: bool = False,
+        mode: ScoreMode = "sampled",
     ) -> ScoreResponse:
-        form = _score_form(images, samples, reasoning)
+        form = _score_form(images, samples, reasoning, mode)
         return ScoreResponse.model_validate(await self._call("POST", "/v1/score", **form))
 
-    async def compare(self, a: ImageInput, b: ImageInput, votes: int | None = None) -> CompareResponse:
-        return CompareResponse.model_validate(
-            await self._call("POST", "/v1/compare", **_compare_form(a, b, votes))
-        )
+    async def compare(
+        self, a: ImageInput, b: ImageInput, votes: int | None = None, mode: ScoreMode = "sampled"
+    ) -> CompareResponse:
+        form = _compare_form(a, b, votes, mode)
+        return CompareResponse.model_validate(await self._call("POST", "/v1/compare", **form))
+
+    async def rank(self, images: Sequence[ImageInput], votes: int | None = None) -> RankResponse:
+        form = _rank_form(images, votes)
+        return RankResponse.model_validate(await self._call("POST", "/v1/rank", **form))
 
     async def image(self, sha256: str) -> ImageOut:
         return ImageOut.model_validate(await self._call("GET", f"/v1/images/{sha256}"))

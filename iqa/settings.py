@@ -169,7 +169,7 @@ class Settings(BaseSettings):
         1.645,
         ge=0,
         description="Gate: where scores are read in one pass, the per-pair agreement gain must exceed "
-        "this many standard errors (1.645: one-sided 95%; 0: any rise).",
+        "the minimum gain by this many standard errors (1.645: one-sided 95%).",
     )
     validation_csv: Path | None = Field(
         None, description="Optional CSV (image path, mos): the gate then also requires SRCC not to drop."

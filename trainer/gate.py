@@ -26,8 +26,8 @@ class GateThresholds:
     """How much worse than the active model a candidate may look on each check."""
 
     min_agreement_gain: float = 0.0  # candidate agreement > active agreement + this (negative: may fall)
-    # With per-pair readings, the mean per-pair gain must also exceed this many standard errors of it
-    # (one-sided; 1.645 is a 5% chance that a model that changed nothing on average passes).
+    # With per-pair readings, the mean per-pair gain must exceed min_agreement_gain by this many standard
+    # errors of it (one-sided; 1.645: a 5% chance that a model no better than that passes).
     agreement_z: float = 1.645
     max_parse_failure: float = 0.10
     min_spread: float = 0.05  # std of per-image mean scores, on the 1-5 scale
@@ -66,8 +66,8 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
 
     Both dicts carry `agreement`, `parse_failure_rate`, `spread`, and optionally `srcc` (labelled set)
     and `agreement_pairs` (per-pair read agreement, same pairs in the same order): with those, the gain
-    must also beat `agreement_z` standard errors of the paired gain, so a round that only perturbs the
-    model does not pass by chance. A metric the candidate cannot produce (NaN) fails its check.
+    must beat `min_agreement_gain` by `agreement_z` standard errors of the paired gain, so a round that
+    only perturbs the model does not pass by chance. A metric the candidate cannot produce (NaN) fails its check.
     """
     reasons: list[str] = []
     checks: dict[str, Any] = {}
@@ -84,7 +84,7 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
         paired = _paired_gain(active.get("agreement_pairs"), candidate.get("agreement_pairs"))
         if paired is not None:
             gain, standard_error, n = paired
-            needed = max(needed, thresholds.agreement_z * standard_error)
+            needed += thresholds.agreement_z * standard_error  # one-sided test of gain > min gain
             checks["agreement"] |= {"pairs": n, "gain": gain, "standard_error": standard_error}
         checks["agreement"]["needed_gain"] = needed
         if not agreement > base_agreement + needed:

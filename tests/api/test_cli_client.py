@@ -116,6 +116,15 @@ def test_the_client_scores_compares_and_runs_a_round_as_admin(live: LiveServer, 
         assert [r.valid_samples for r in scored.results] == [2, 2]
         assert client.image(scored.results[0].sha256).times_seen == 1
         assert client.compare(folder / "a.jpg", folder / "b.png", votes=2).votes == 2
+        fast = client.score([folder / "a.jpg"], mode="fast").results[0]
+        assert (
+            fast.mode == "fast"
+            and fast.distribution
+            and fast.score == client.score([folder / "a.jpg"], mode="fast").results[0].score
+        )
+        assert client.compare(folder / "a.jpg", folder / "b.png", mode="fast").mode == "fast"
+        ranked = client.rank([folder / "a.jpg", folder / "b.png", jpeg(unique_seed())], votes=12)
+        assert sorted(r.index for r in ranked.results) == [0, 1, 2] and ranked.votes == 12
         with pytest.raises(ServiceError) as bad:
             client.score([folder / "broken.jpg"])
         assert bad.value.status == 422 and bad.value.message
