@@ -34,13 +34,17 @@ import hashlib
 import logging
 import os
 import shutil
+import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import httpx
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from iqa.engines.base import (
@@ -62,6 +66,11 @@ RETRY_ATTEMPTS = 3  # per HTTP call, on connection errors and 500s only
 RETRY_BACKOFF_S = 0.2
 DOWN_BACKOFF_S = 1.0  # after a failed re-install, requests fail at once for this long instead of queueing
 MAX_CONNECTIONS = 256
+BACKGROUND_PRIORITY = 1  # vLLM serves lower numbers first: client requests have 0
+CLIENT_ACTIVE_S = 5.0  # as the local engine: round work yields this long after a client request
+BACKGROUND_WHILE_CLIENTS = 2  # round requests in flight while clients are active
+LOAD_PROBE_S = 0.5  # how often a waiting round request asks the server how busy it is
+THROTTLE_POLL_S = 0.05
 RELOADING = "evoq:reloading"  # weight_version while a reload runs: the weights are then unknown
 
 # The answer grammar of iqa.engines.constraint as a regular expression for vLLM's `structured_outputs`:
@@ -141,7 +150,7 @@ def chat_payload(
     if sampling.seed is not None:
         payload["seed"] = sampling.seed
     if sampling.background:  # round work: with `--scheduling-policy priority`, served after clients
-        payload["priority"] = 1
+        payload["priority"] = BACKGROUND_PRIORITY
     if sampling.constrain:
         payload["structured_outputs"] = {"regex": answer_regex(profile, sampling.constrain, max_tokens)}
     return payload
@@ -166,7 +175,7 @@ def reading_payload(
         "logprob_token_ids": token_ids,
     }
     if request.background:
-        payload["priority"] = 1
+        payload["priority"] = BACKGROUND_PRIORITY
     return payload
 
 
@@ -294,6 +303,14 @@ class VLLMEngine:
         self._down_until = 0.0
         self._down_message = ""
         self._candidate_ids: dict[tuple[str, ...], list[int]] = {}  # reading candidates -> token ids
+        # Round work yields to clients (see `_sending`): what this engine has at the server now, and
+        # when a client request was last seen (its own, or others' in the server's queue).
+        self._own_sequences = 0
+        self._background_in_flight = 0
+        self._clients_in_flight = 0
+        self._client_seen_at = float("-inf")
+        self._load_checked_at = float("-inf")
+        self._load_probe: asyncio.Future[int] | None = None
 
     @property
     def active(self) -> ModelSpec:
@@ -400,24 +417,43 @@ class VLLMEngine:
         return GenerationResult(texts, route.spec)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        urls = await self._image_urls(request)
-        for _ in range(2):
-            route = await self._current_route()
-            texts = await self._send(route, request, urls)  # entered at once: a swap sees this request
-            if texts is not None:
-                return GenerationResult(texts, route.spec)
-            await self._recover(route)
-        raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
+        with self._client_request(not request.sampling.background):
+            urls = await self._image_urls(request)
+            for _ in range(2):
+                route = await self._current_route()
+                texts = await self._send(route, request, urls)  # entered at once: a swap sees this request
+                if texts is not None:
+                    return GenerationResult(texts, route.spec)
+                await self._recover(route)
+            raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
 
     async def read(self, request: ReadingRequest) -> ReadingResult:
-        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
-        for _ in range(2):
-            route = await self._current_route()
-            logprobs = await self._read_prefixes(route, request, urls)
-            if logprobs is not None:
-                return ReadingResult(logprobs, route.spec)
-            await self._recover(route)
-        raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
+        with self._client_request(not request.background):
+            urls = await asyncio.to_thread(
+                lambda: [image_data_url(im, self.max_pixels) for im in request.images]
+            )
+            for _ in range(2):
+                route = await self._current_route()
+                logprobs = await self._read_prefixes(route, request, urls)
+                if logprobs is not None:
+                    return ReadingResult(logprobs, route.spec)
+                await self._recover(route)
+            raise EngineUnavailable("vLLM lost the served adapter twice in a row; is it restarting?")
+
+    @contextmanager
+    def _client_request(self, client: bool) -> Iterator[None]:
+        """While a client request is here (from its arrival, before its images are encoded, to its
+        answer) and for CLIENT_ACTIVE_S after, round work yields (`_sending`)."""
+        if not client:
+            yield
+            return
+        self._clients_in_flight += 1
+        self._client_seen_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self._clients_in_flight -= 1
+            self._client_seen_at = time.monotonic()
 
     async def read_on(self, route: _Route, request: ReadingRequest) -> ReadingResult:
         """One reading on a given (staged) route; a lost route is EngineUnavailable, never re-routed."""
@@ -486,9 +522,61 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM refused {path} (HTTP {response.status_code}): {_message(response)}")
         return response
 
+    async def _clients_active(self) -> bool:
+        """A client request in the last `CLIENT_ACTIVE_S`: this engine's own, or more sequences at the
+        server than this engine sent (read from its /metrics at most every `LOAD_PROBE_S`; requests that
+        ask while a read is on its way share its answer)."""
+        now = time.monotonic()
+        if self._clients_in_flight or now - self._client_seen_at < CLIENT_ACTIVE_S:
+            return True
+        probe = self._load_probe
+        if probe is None or (probe.done() and now - self._load_checked_at >= LOAD_PROBE_S):
+            self._load_checked_at = now
+            probe = self._load_probe = asyncio.ensure_future(self._server_sequences())
+        if await asyncio.shield(probe) > self._own_sequences:
+            self._client_seen_at = max(self._client_seen_at, self._load_checked_at)
+            return True
+        return False
+
+    async def _server_sequences(self) -> int:
+        """Sequences running or waiting on the server (vLLM's gauges); 0 when it does not say."""
+        try:
+            response = await self._call("GET", "/metrics")
+        except EngineUnavailable:
+            return 0
+        if response.status_code != 200:
+            return 0
+        total = 0.0
+        for family in text_string_to_metric_families(response.text):
+            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
+                total += sum(sample.value for sample in family.samples)
+        return int(total)
+
+    @asynccontextmanager
+    async def _sending(self, background: bool, sequences: int) -> AsyncIterator[None]:
+        """Count a request at the server. Round work waits while clients are active and
+        `BACKGROUND_WHILE_CLIENTS` round requests are in flight: vLLM's priority scheduling orders only
+        its waiting queue, so every round request running beside a client's slows it down."""
+        if background:
+            # Polled, not an Event: clients stop being active by time passing, and others' requests are
+            # only seen in the server's gauges.
+            while True:
+                if self._background_in_flight < BACKGROUND_WHILE_CLIENTS or not await self._clients_active():
+                    break
+                await asyncio.sleep(THROTTLE_POLL_S)
+            self._background_in_flight += 1
+        self._own_sequences += sequences
+        try:
+            yield
+        finally:
+            self._own_sequences -= sequences
+            if background:
+                self._background_in_flight -= 1
+
     async def _chat(self, route: _Route, payload: dict) -> list[dict]:
         """The choices of one chat-completions call on `route`; `_RouteLost` when the server lost it."""
-        response = await self._call("POST", "/v1/chat/completions", json=payload)
+        async with self._sending(payload.get("priority") == BACKGROUND_PRIORITY, payload.get("n", 1)):
+            response = await self._call("POST", "/v1/chat/completions", json=payload)
         if response.status_code == 404 and route.adapter in _message(response):
             raise _RouteLost(f"vLLM forgot adapter {route.adapter}")
         if response.status_code != 200:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -11,6 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from iqa.engines import vllm as vllm_engine
 from iqa.engines.base import EngineUnavailable, GenerationRequest, ModelSpec, Sampling
 from iqa.engines.local import LocalEngine
 from iqa.engines.vllm import VLLMEngine
@@ -195,6 +197,62 @@ async def test_constrained_answers_always_parse(
         assert len(set(scores.texts)) > 1  # sampled, not one answer repeated
     finally:
         await engine.close()
+
+
+# ---- round work yields to clients ------------------------------------------------------------------
+async def test_round_work_yields_to_clients_and_runs_wide_without_them(
+    vllm_server: VLLMServer, tiny_models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The serving engine running a round (the embedded runner): while its client requests come, at
+    most BACKGROUND_WHILE_CLIENTS round requests are at the server; once clients are quiet for
+    CLIENT_ACTIVE_S, the round goes wide again. A round worker's engine, another process, sees the
+    same clients in the server's gauges."""
+    monkeypatch.setattr(vllm_engine, "CLIENT_ACTIVE_S", 1.0)
+    spec = spec_of(tiny_models, "base")
+    engine = engine_for(vllm_server, spec, tmp_path / "api")
+    worker = engine_for(vllm_server, spec, tmp_path / "worker")
+    await engine.start()
+    await worker.start()
+    image = photo(96, 64, 1)
+    client = GenerationRequest((image,), EVOQ.score_text, 4, Sampling(max_new_tokens=200))
+    vote = GenerationRequest(
+        (image, image), EVOQ.compare_text, 2, Sampling(max_new_tokens=200, background=True)
+    )
+    stop = asyncio.Event()
+
+    async def client_loop() -> int:
+        sent = 0
+        while not stop.is_set():
+            await engine.generate(client)
+            sent += 1
+        return sent
+
+    async def widest(requests: int) -> int:
+        seen = 0
+        task = asyncio.ensure_future(asyncio.gather(*(engine.generate(vote) for _ in range(requests))))  # noqa: RUF006
+        while not task.done():
+            seen = max(seen, engine._background_in_flight)
+            await asyncio.sleep(0.005)
+        await task
+        return seen
+
+    try:
+        clients = asyncio.gather(*(client_loop() for _ in range(3)))
+        await asyncio.sleep(0.1)
+        while_clients = await widest(8)
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await worker._clients_active():  # the other process's view: vLLM's gauges
+            assert asyncio.get_running_loop().time() < deadline, "the worker never saw the clients"
+            await asyncio.sleep(0.1)
+        stop.set()
+        assert sum(await clients) > 3
+        await asyncio.sleep(2.0)  # clients quiet for longer than CLIENT_ACTIVE_S
+        alone = await widest(8)
+    finally:
+        await engine.close()
+        await worker.close()
+    assert while_clients <= vllm_engine.BACKGROUND_WHILE_CLIENTS, while_clients
+    assert alone > vllm_engine.BACKGROUND_WHILE_CLIENTS, alone  # (the gauges may lag a probe or two)
 
 
 # ---- failures --------------------------------------------------------------------------------------
