@@ -429,9 +429,7 @@ class VLLMEngine:
 
     async def read(self, request: ReadingRequest) -> ReadingResult:
         with self._client_request(not request.background):
-            urls = await asyncio.to_thread(
-                lambda: [image_data_url(im, self.max_pixels) for im in request.images]
-            )
+            urls = await self._urls(request.images)
             for _ in range(2):
                 route = await self._current_route()
                 logprobs = await self._read_prefixes(route, request, urls)
@@ -457,7 +455,7 @@ class VLLMEngine:
 
     async def read_on(self, route: _Route, request: ReadingRequest) -> ReadingResult:
         """One reading on a given (staged) route; a lost route is EngineUnavailable, never re-routed."""
-        urls = await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        urls = await self._urls(request.images)
         await self._open.wait()
         logprobs = await self._read_prefixes(route, request, urls)
         if logprobs is None:
@@ -467,7 +465,11 @@ class VLLMEngine:
     async def _image_urls(self, request: GenerationRequest) -> list[str]:
         if request.n < 1:
             raise ValueError("n must be at least 1")
-        return await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in request.images])
+        return await self._urls(request.images)
+
+    async def _urls(self, images: tuple[Image.Image, ...]) -> list[str]:
+        """The images as data URLs, encoded off the event loop."""
+        return await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in images])
 
     async def _send(self, route: _Route, request: GenerationRequest, urls: list[str]) -> list[str] | None:
         """The completions of `request` on `route`, counted in its in-flight requests; None when the
