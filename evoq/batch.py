@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from evoq.client import AsyncClient, ServiceError
+from iqa.protocol import ScoreMode
 
 Tick = Callable[[], None]
 
@@ -61,7 +62,12 @@ def _sha256(path: Path) -> str:
 
 
 async def score_via_service(
-    url: str, files: Sequence[Path], samples: int | None, concurrency: int, tick: Tick
+    url: str,
+    files: Sequence[Path],
+    samples: int | None,
+    concurrency: int,
+    tick: Tick,
+    mode: ScoreMode = "sampled",
 ) -> list[ScoreRow]:
     """Upload each file to `url`'s /v1/score, at most `concurrency` at a time."""
     semaphore = asyncio.Semaphore(concurrency)
@@ -70,7 +76,7 @@ async def score_via_service(
         async def one(path: Path) -> ScoreRow:
             async with semaphore:
                 try:
-                    [item] = (await client.score([path], samples)).results
+                    [item] = (await client.score([path], samples, mode=mode)).results
                     return ScoreRow(
                         str(path), item.sha256, item.score, item.std, item.valid_samples,
                         item.model_version.name, item.cached,
@@ -86,11 +92,13 @@ async def score_via_service(
 
 
 async def score_in_process(
-    model: str, files: Sequence[Path], samples: int, device: str, tick: Tick
+    model: str, files: Sequence[Path], samples: int, device: str, tick: Tick, mode: ScoreMode = "sampled"
 ) -> list[ScoreRow]:
-    """Score each file with a local engine on `model` (any folder or hub id a service could serve)."""
+    """Score each file with a local engine on `model` (any folder or hub id a service could serve);
+    `mode="fast"` reads each score in one pass (`valid_samples` 0)."""
     from iqa.engines.base import Sampling
     from iqa.images import ImageRejected, decode_image
+    from iqa.reading import read_score
     from iqa.scoring import score_image
     from iqa.settings import Settings
     from trainer.checkpoint import resolve_model
@@ -114,12 +122,15 @@ async def score_in_process(
                     max_pixels=settings.max_image_pixels,
                     min_side=settings.min_image_side,
                 )
-                result = await score_image(engine, decoded.image, samples, sampling, settings.prompt_profile)
-                rows.append(
-                    ScoreRow(
-                        str(path), decoded.sha256, result.score, result.std, result.valid, source.name, False
+                if mode == "fast":
+                    reading = await read_score(engine, decoded.image, settings.prompt_profile)
+                    score, std, valid = reading.score, reading.std, 0
+                else:
+                    result = await score_image(
+                        engine, decoded.image, samples, sampling, settings.prompt_profile
                     )
-                )
+                    score, std, valid = result.score, result.std, result.valid
+                rows.append(ScoreRow(str(path), decoded.sha256, score, std, valid, source.name, False))
             except ImageRejected as error:
                 rows.append(ScoreRow(str(path), hashlib.sha256(data).hexdigest(), error=error.message))
             except OSError as error:

@@ -56,6 +56,9 @@ def score(
     ] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Uploads in flight with --url.")] = 8,
     device: Device = "auto",
+    mode: Annotated[
+        str, typer.Option(help="sampled (reasoning samples, averaged) or fast (one deterministic reading).")
+    ] = "sampled",
 ) -> None:
     """Score files and folders: one row per image (path, sha256, score, std, valid_samples,
     model_version, cached, error); a file that cannot be scored gets an empty score and the error."""
@@ -67,6 +70,8 @@ def score(
 
     if (url is None) == (model is None):
         raise typer.BadParameter("give exactly one of --url (a running service) or --model")
+    if mode not in ("sampled", "fast"):
+        raise typer.BadParameter(f"--mode must be sampled or fast; got {mode!r}")
     try:
         files = collect_files(paths, recursive)
     except FileNotFoundError as error:
@@ -78,9 +83,9 @@ def score(
             bars.advance(task)
 
         if url is not None:
-            rows = asyncio.run(score_via_service(url, files, samples, concurrency, tick))
+            rows = asyncio.run(score_via_service(url, files, samples, concurrency, tick, mode))  # type: ignore[arg-type]
         else:
-            rows = asyncio.run(score_in_process(model or "", files, samples or 8, device, tick))
+            rows = asyncio.run(score_in_process(model or "", files, samples or 8, device, tick, mode))  # type: ignore[arg-type]
     write_rows(rows, out)
     failed = sum(1 for row in rows if row.error)
     _stderr().print(f"{len(rows) - failed} scored, {failed} failed" + (f"; written to {out}" if out else ""))

@@ -88,6 +88,12 @@ def test_evoq_score_and_compare_in_process(demo_model_dir: Path, folder: Path) -
     rows = list(csv.DictReader(done.stdout.splitlines()))
     assert [Path(r["path"]).name for r in rows] == ["a.jpg", "broken.jpg"]
     assert 1.0 <= float(rows[0]["score"]) <= 5.0 and rows[1]["error"] and rows[1]["score"] == ""
+    fast = [
+        evoq("score", str(folder / "a.jpg"), "--model", str(demo_model_dir), "--mode", "fast") for _ in "ab"
+    ]
+    assert all(done.returncode == 0 for done in fast), fast[0].stderr
+    (first,), (second,) = (list(csv.DictReader(done.stdout.splitlines())) for done in fast)
+    assert first["score"] == second["score"] and first["valid_samples"] == "0"  # one deterministic reading
     pair = evoq(
         "compare",
         str(folder / "a.jpg"),
