@@ -67,7 +67,8 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
     Both dicts carry `agreement`, `parse_failure_rate`, `spread`, and optionally `srcc` (labelled set)
     and `agreement_pairs` (per-pair read agreement, same pairs in the same order): with those, the gain
     must beat `min_agreement_gain` by `agreement_z` standard errors of the paired gain, so a round that
-    only perturbs the model does not pass by chance. A metric the candidate cannot produce (NaN) fails its check.
+    only perturbs the model does not pass by chance. A metric the candidate cannot produce (NaN) fails
+    its check.
     """
     reasons: list[str] = []
     checks: dict[str, Any] = {}
