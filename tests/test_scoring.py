@@ -9,7 +9,15 @@ from collections.abc import Callable
 import pytest
 from PIL import Image
 
-from iqa.engines.base import Engine, GenerationRequest, GenerationResult, ModelSpec, Sampling
+from iqa.engines.base import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    ModelSpec,
+    ReadingRequest,
+    ReadingResult,
+    Sampling,
+)
 from iqa.prompts import prompt_set
 from iqa.scoring import compare_images, score_image, split_votes, summarise_scores
 
@@ -61,6 +69,10 @@ class ScriptedEngine:
             self.in_flight -= 1
         assert len(texts) == request.n
         return GenerationResult(texts, model)
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        """No opinion: every candidate equally likely (the scripts are about sampled answers)."""
+        return ReadingResult([[-2.3] * len(request.candidates) for _ in request.prefixes], self.active)
 
     async def activate(self, model: ModelSpec) -> None:
         self.models = [model]

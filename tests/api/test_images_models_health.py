@@ -155,11 +155,11 @@ def test_openapi_score_images_field_is_a_list_of_files(openapi: dict) -> None:
 RESPONSE_FIELDS = {
     "/v1/score": {
         "sha256", "score", "std", "valid_samples", "samples", "cached", "prediction_id",
-        "model_version", "reasoning",
+        "model_version", "reasoning", "mode", "distribution",
     },
     "/v1/compare": {
         "sha256_a", "sha256_b", "prob_a_better", "winner", "votes_a", "votes_b", "invalid_votes",
-        "votes", "comparison_id", "model_version", "reasoning",
+        "votes", "comparison_id", "model_version", "reasoning", "mode",
     },
 }  # fmt: skip
 

@@ -15,6 +15,8 @@ from iqa.engines.base import (
     GenerationRequest,
     GenerationResult,
     ModelSpec,
+    ReadingRequest,
+    ReadingResult,
     Sampling,
 )
 from trainer.voting import (
@@ -68,6 +70,10 @@ class ScriptedEngine:
 
     async def start(self) -> None:
         pass
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        """No opinion: every candidate equally likely (the scripts are about sampled answers)."""
+        return ReadingResult([[-2.3] * len(request.candidates) for _ in request.prefixes], self.active)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         first, second = (brightness(image) for image in request.images)
