@@ -302,7 +302,7 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             "Base SRCC per distortion type: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()),
             "",
         ]
-    names = ["base"] + [n for arm in arms(args) for n in arm_names(arm, args)[1:]]
+    names = list(dict.fromkeys(["base"] + [n for arm in arms(args) for n in arm_names(arm, args)[1:]]))
     lines += [
         "## Over seeds (mean ± sd)",
         "",
