@@ -5,12 +5,13 @@ with held-out pseudo-labels (pairs voted but kept out of training) must RISE, an
 parsable, and scores must keep their spread across images (a model that gives every image the same
 score has collapsed). With a labelled validation set configured, SRCC on it must not drop either.
 
-Agreement is the soft one (`trainer.metrics.soft_pseudo_label_agreement`, read from every sampled
-score) where the metrics have it: the agreement of the mean scores flips with sampling noise wherever
-two means are close. Measured on the model organism (bench/organism.py), a round that lifted true SRCC
-by 0.10 read as a drop in mean-score agreement (0.612 -> 0.602 at 4 samples), while a deterministic
-read of the same pairs rose 0.571 -> 0.673. A candidate that changes nothing measurable is not
-promoted: a round that only perturbs the model (the shuffled-label control) must not replace it.
+Agreement is read, not sampled, where the round read the held-out scores in one pass
+(`iqa.reading`): per pair, the Thurstone chance that the preferred image wins under the read score
+distributions, so before and after can be compared pair by pair, and the mean gain must beat its
+standard error (`agreement_z`). Sampled agreement flipped with sampling noise: on the model organism
+a round that lifted true SRCC by 0.10 read as a drop at 4 samples, and the gate passed 3 of 6
+shuffled-label control rounds; with the paired read test it refused all 6 (bench/results,
+2026-12-04). A candidate that changes nothing measurable is not promoted.
 """
 
 from __future__ import annotations
