@@ -25,11 +25,11 @@ import shutil
 import statistics
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
@@ -53,6 +53,7 @@ from trainer.variants import VARIANTS_DIR, add_variants
 from trainer.voting import PairLabel, VotingResult, vote_pairs
 
 Progress = Callable[[str, int, int], None]
+T = TypeVar("T")
 
 
 class RoundEngines(Protocol):
@@ -125,6 +126,28 @@ def _sampling(config: RoundConfig, constrain: bool, kind: str) -> Sampling:
     )
 
 
+async def _each_bounded(
+    images: Sequence[Image.Image],
+    work: Callable[[Image.Image], Awaitable[T]],
+    concurrency: int,
+    progress: Callable[[int, int], None] | None,
+) -> list[T]:
+    """`work` on every image, at most `concurrency` in flight, reporting each one done."""
+    semaphore = asyncio.Semaphore(concurrency)
+    done = 0
+
+    async def one(image: Image.Image) -> T:
+        nonlocal done
+        async with semaphore:
+            result = await work(image)
+        done += 1
+        if progress is not None:
+            progress(done, len(images))
+        return result
+
+    return list(await asyncio.gather(*(one(image) for image in images)))
+
+
 async def score_images(
     engine: Engine,
     images: Sequence[Image.Image],
@@ -135,19 +158,9 @@ async def score_images(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[ScoreResult]:
     """n score samples for every image, at most `concurrency` requests in flight."""
-    semaphore = asyncio.Semaphore(concurrency)
-    done = 0
-
-    async def one(image: Image.Image) -> ScoreResult:
-        nonlocal done
-        async with semaphore:
-            result = await score_image(engine, image, n, sampling, profile)
-        done += 1
-        if progress is not None:
-            progress(done, len(images))
-        return result
-
-    return list(await asyncio.gather(*(one(image) for image in images)))
+    return await _each_bounded(
+        images, lambda image: score_image(engine, image, n, sampling, profile), concurrency, progress
+    )
 
 
 async def read_images(
@@ -158,19 +171,9 @@ async def read_images(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[ScoreReading]:
     """The one-pass score reading of every image (round work), at most `concurrency` in flight."""
-    semaphore = asyncio.Semaphore(concurrency)
-    done = 0
-
-    async def one(image: Image.Image) -> ScoreReading:
-        nonlocal done
-        async with semaphore:
-            reading = await read_score(engine, image, profile, background=True)
-        done += 1
-        if progress is not None:
-            progress(done, len(images))
-        return reading
-
-    return list(await asyncio.gather(*(one(image) for image in images)))
+    return await _each_bounded(
+        images, lambda image: read_score(engine, image, profile, background=True), concurrency, progress
+    )
 
 
 def gate_metrics(

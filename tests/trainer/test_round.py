@@ -37,21 +37,20 @@ class BrightnessEngine:
     def __init__(self, spec: ModelSpec) -> None:
         self.active = spec
 
+    @staticmethod
+    def answer(images: tuple[Image.Image, ...], text: str) -> str:
+        levels = [image.getpixel((0, 0))[0] for image in images]
+        if text == prompt_set("evoquality").score_text:
+            return f"{1 + 4 * levels[0] / 255:.2f}"
+        return "0" if levels[0] > levels[1] else "1"
+
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        levels = [image.getpixel((0, 0))[0] for image in request.images]
-        if request.text == prompt_set("evoquality").score_text:
-            answer = f"{1 + 4 * levels[0] / 255:.2f}"
-        else:
-            answer = "0" if levels[0] > levels[1] else "1"
+        answer = self.answer(request.images, request.text)
         return GenerationResult([f"<think>ok</think> \\boxed{{{answer}}}"] * request.n, self.active)
 
     async def read(self, request: ReadingRequest) -> ReadingResult:
         """The same opinions read in one pass: all the probability on the answer's next character."""
-        levels = [image.getpixel((0, 0))[0] for image in request.images]
-        if request.text == prompt_set("evoquality").score_text:
-            answer = f"{1 + 4 * levels[0] / 255:.2f}"
-        else:
-            answer = "0" if levels[0] > levels[1] else "1"
+        answer = self.answer(request.images, request.text)
         rows = []
         for prefix in request.prefixes:
             written = prefix[len(answer_prefix("evoquality")) :]  # "" or "d."
