@@ -36,6 +36,7 @@ import os
 import shutil
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ BACKGROUND_PRIORITY = 1  # vLLM serves lower numbers first: client requests have
 CLIENT_ACTIVE_S = 5.0  # as the local engine: round work yields this long after a client request
 BACKGROUND_WHILE_CLIENTS = 2  # round requests in flight while clients are active
 LOAD_PROBE_S = 0.5  # how often a waiting round request asks the server how busy it is
+# vLLM's gauges describe its last scheduler step, which may be this long before a /metrics read: the
+# server's count is compared with the most this engine had there since then, not with its count now.
+GAUGE_LAG_S = 1.0
 THROTTLE_POLL_S = 0.05
 RELOADING = "evoq:reloading"  # weight_version while a reload runs: the weights are then unknown
 
@@ -306,6 +310,7 @@ class VLLMEngine:
         # Round work yields to clients (see `_sending`): what this engine has at the server now, and
         # when a client request was last seen (its own, or others' in the server's queue).
         self._own_sequences = 0
+        self._own_history: deque[tuple[float, int]] = deque([(float("-inf"), 0)])  # (since, count)
         self._background_in_flight = 0
         self._clients_in_flight = 0
         self._client_seen_at = float("-inf")
@@ -535,10 +540,29 @@ class VLLMEngine:
         if probe is None or (probe.done() and now - self._load_checked_at >= LOAD_PROBE_S):
             self._load_checked_at = now
             probe = self._load_probe = asyncio.ensure_future(self._server_sequences())
-        if await asyncio.shield(probe) > self._own_sequences:
-            self._client_seen_at = max(self._client_seen_at, self._load_checked_at)
+        checked_at = self._load_checked_at
+        if await asyncio.shield(probe) > self._own_peak_since(checked_at - GAUGE_LAG_S):
+            self._client_seen_at = max(self._client_seen_at, checked_at)
             return True
         return False
+
+    def _count_own(self, change: int) -> None:
+        """Add `change` sequences to this engine's count at the server, and remember when."""
+        self._own_sequences += change
+        now = time.monotonic()
+        history = self._own_history
+        history.append((now, self._own_sequences))
+        while len(history) > 1 and history[1][0] < now - LOAD_PROBE_S - GAUGE_LAG_S - 60.0:
+            history.popleft()  # a minute back is plenty for any probe; the oldest count kept holds then
+
+    def _own_peak_since(self, since: float) -> int:
+        """The most sequences this engine had at the server from `since` until now."""
+        peak = 0
+        for at, count in reversed(self._own_history):
+            peak = max(peak, count)
+            if at <= since:  # the count in effect at `since`
+                break
+        return peak
 
     async def _server_sequences(self) -> int:
         """Sequences running or waiting on the server (vLLM's gauges); 0 when it does not say."""
@@ -567,11 +591,11 @@ class VLLMEngine:
                     break
                 await asyncio.sleep(THROTTLE_POLL_S)
             self._background_in_flight += 1
-        self._own_sequences += sequences
+        self._count_own(sequences)
         try:
             yield
         finally:
-            self._own_sequences -= sequences
+            self._count_own(-sequences)
             if background:
                 self._background_in_flight -= 1
 

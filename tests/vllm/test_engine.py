@@ -255,6 +255,35 @@ async def test_round_work_yields_to_clients_and_runs_wide_without_them(
     assert alone > vllm_engine.BACKGROUND_WHILE_CLIENTS, alone  # (the gauges may lag a probe or two)
 
 
+async def test_round_work_alone_is_never_taken_for_a_client(
+    vllm_server: VLLMServer, tiny_models: TinyModels, tmp_path: Path
+) -> None:
+    """With no client anywhere, a round's own sequences in vLLM's gauges (read a step late, while its
+    requests come and go) must not look like someone else's: measured before the fix, a round alone
+    took them for clients hundreds of times per 30 pairs and voted at 0.5x its speed."""
+    worker = engine_for(vllm_server, spec_of(tiny_models, "base"), tmp_path / "worker")
+    await worker.start()
+    image = photo(96, 64, 1)
+    vote = GenerationRequest(
+        (image, image), EVOQ.compare_text, 4, Sampling(max_new_tokens=60, background=True)
+    )
+    widest = 0
+    slots = asyncio.Semaphore(12)
+
+    async def one() -> None:
+        nonlocal widest
+        async with slots:  # a steady stream, as a round's voting: requests end while others start
+            await worker.generate(vote)
+            widest = max(widest, worker._background_in_flight)
+
+    try:
+        await asyncio.gather(*(one() for _ in range(60)))
+    finally:
+        await worker.close()
+    assert worker._client_seen_at == float("-inf")  # no client was ever seen
+    assert widest > vllm_engine.BACKGROUND_WHILE_CLIENTS
+
+
 # ---- failures --------------------------------------------------------------------------------------
 async def test_an_unreachable_server_is_unavailable_after_bounded_retries(
     tiny_models: TinyModels, tmp_path: Path
