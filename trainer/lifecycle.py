@@ -252,6 +252,10 @@ class RoundEngines(Protocol):
         """Release whatever the candidate still holds (an adapter loaded for its evaluation)."""
         ...
 
+    def holds_parent_while_training(self, spec: ModelSpec) -> bool:
+        """Whether the parent's engine stays loaded while the child trains anyway (see trainer.round)."""
+        ...
+
 
 def _uses_vllm(settings: Settings) -> bool:
     return settings.engine == "vllm"
@@ -285,10 +289,16 @@ class WorkerEngines:
         ) as engine:
             yield engine
 
+    def holds_parent_while_training(self, spec: ModelSpec) -> bool:
+        return self._parent_on_vllm(spec)  # a vLLM server holds it anyway; a local engine is released
+
+    def _parent_on_vllm(self, spec: ModelSpec) -> bool:
+        # A full version other than the served weights would need a reload of the serving server.
+        return _uses_vllm(self.settings) and (spec.kind != "full" or bool(self.settings.round_vllm_url))
+
     @asynccontextmanager
     async def parent(self, spec: ModelSpec) -> AsyncIterator[Engine]:
-        if not _uses_vllm(self.settings) or (spec.kind == "full" and not self.settings.round_vllm_url):
-            # A full version other than the served weights would need a reload of the serving server.
+        if not self._parent_on_vllm(spec):
             async with self._local(spec, self.settings.device) as engine:
                 yield engine
             return
@@ -347,11 +357,17 @@ class InProcessEngines:
         )
         self._staged: Any = None
 
+    def _serving_is_parent(self, spec: ModelSpec) -> bool:
+        serving = self.service.engine
+        return spec.version_id == serving.active.version_id and not self.service.settings.round_vllm_url
+
+    def holds_parent_while_training(self, spec: ModelSpec) -> bool:
+        return self._serving_is_parent(spec) or self.other.holds_parent_while_training(spec)
+
     @asynccontextmanager
     async def parent(self, spec: ModelSpec) -> AsyncIterator[Engine]:
-        serving = self.service.engine
-        if spec.version_id == serving.active.version_id and not self.service.settings.round_vllm_url:
-            yield serving
+        if self._serving_is_parent(spec):
+            yield self.service.engine
             return
         async with self.other.parent(spec) as engine:
             yield engine

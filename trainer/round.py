@@ -23,6 +23,7 @@ import random
 import resource
 import shutil
 import statistics
+import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -65,6 +66,11 @@ class RoundEngines(Protocol):
 
     def candidate(self, spec: ModelSpec) -> AbstractAsyncContextManager[Engine]:
         """A started engine answering with the trained candidate `spec` (not registered anywhere yet)."""
+        ...
+
+    def holds_parent_while_training(self, spec: ModelSpec) -> bool:
+        """Whether the parent's engine stays loaded while the child trains anyway (a vLLM server, the
+        serving engine): then the parent's held-out evaluation runs beside the training, not before it."""
         ...
 
 
@@ -114,6 +120,9 @@ class LocalEngines:
         return local_engine(spec, profile=self.profile, device=self.device, max_pixels=self.max_pixels)
 
     candidate = parent
+
+    def holds_parent_while_training(self, spec: ModelSpec) -> bool:
+        return False  # released first: the child may need the device's memory
 
 
 def _sampling(config: RoundConfig, constrain: bool, kind: str) -> Sampling:
@@ -270,8 +279,18 @@ def _child_main(job: TrainJob, messages: Any, parent_pid: int) -> None:
         raise
 
 
-def train_in_child(job: TrainJob, progress: Progress | None = None) -> dict[str, Any]:
-    """Run `trainer.grpo.train_grpo(job)` in a spawned process (fresh CUDA state, memory returned at exit)."""
+def _start_training(
+    job: TrainJob, steps: int, report: Progress, stop: threading.Event
+) -> asyncio.Future[dict[str, Any]]:
+    report("training", 0, steps)
+    return asyncio.ensure_future(asyncio.to_thread(train_in_child, job, report, stop))
+
+
+def train_in_child(
+    job: TrainJob, progress: Progress | None = None, stop: threading.Event | None = None
+) -> dict[str, Any]:
+    """Run `trainer.grpo.train_grpo(job)` in a spawned process (fresh CUDA state, memory returned at exit);
+    setting `stop` kills it (TrainingFailed)."""
     context = multiprocessing.get_context("spawn")
     messages = context.Queue()
     # Not a daemon, so the trainer may start processes of its own; it is killed below if we fail.
@@ -280,6 +299,8 @@ def train_in_child(job: TrainJob, progress: Progress | None = None) -> dict[str,
     outcome: tuple[str, Any] | None = None
     try:
         while outcome is None:
+            if stop is not None and stop.is_set():
+                raise TrainingFailed("training was stopped: the round failed beside it")
             try:
                 kind, payload = messages.get(timeout=0.5)
             except queue.Empty:
@@ -364,6 +385,8 @@ async def run_round(
 
     version = checkpoint.next_version(out_dir)
     staging = checkpoint.staging_dir(out_dir, version)
+    stop_training = threading.Event()
+    training_run: asyncio.Future[dict[str, Any]] | None = None
     try:  # a failed round leaves no half-written version behind
         groups: list[list[int]] = []
         if config.variants_per_image:
@@ -404,31 +427,39 @@ async def run_round(
             holdout = [voting.labels[k] for k in holdout_part]
             if not train:
                 raise ValueError("no training pairs left after the hold-out split and the margin filter")
+            settings = replace(
+                config.train,
+                seed=config.seed,
+                temperature=config.temperature,
+                constrain_answers=constrain,
+                max_completion_length=config.train.max_completion_length or config.max_new_tokens,
+            )
+            job = TrainJob(
+                parent=parent,
+                image_ids=pool.ids,
+                image_paths=[str(p) for p in pool.paths],
+                preferences=_training_preferences(pool, train, config),
+                settings=settings,
+                output_dir=str(staging),
+                profile=config.profile,
+                max_pixels=config.max_pixels,
+            )
+            beside = engines.holds_parent_while_training(parent.spec())
+            if beside:
+                training_mark = time.perf_counter()
+                training_run = _start_training(job, settings.steps, report, stop_training)
             mark = time.perf_counter()
-            before = await _score_holdout(engine, pool, holdout, config, constrain, "scoring-before", report)
+            # Beside the training, its steps are the progress shown (two stages would take turns).
+            before = await _score_holdout(
+                engine, pool, holdout, config, constrain, "scoring-before", None if beside else report
+            )
             timings["scoring_before_s"] = time.perf_counter() - mark
 
-        settings = replace(
-            config.train,
-            seed=config.seed,
-            temperature=config.temperature,
-            constrain_answers=constrain,
-            max_completion_length=config.train.max_completion_length or config.max_new_tokens,
-        )
-        job = TrainJob(
-            parent=parent,
-            image_ids=pool.ids,
-            image_paths=[str(p) for p in pool.paths],
-            preferences=_training_preferences(pool, train, config),
-            settings=settings,
-            output_dir=str(staging),
-            profile=config.profile,
-            max_pixels=config.max_pixels,
-        )
-        mark = time.perf_counter()
-        report("training", 0, settings.steps)
-        training = await asyncio.to_thread(train_in_child, job, report)
-        timings["training_s"] = time.perf_counter() - mark
+        if not beside:
+            training_mark = time.perf_counter()
+            training_run = _start_training(job, settings.steps, report, stop_training)
+        training = await training_run
+        timings["training_s"] = time.perf_counter() - training_mark
 
         checkpoint.copy_processor_files(parent.adapter_base or parent.root, staging)
         kind = "lora" if settings.lora else "full"
@@ -492,6 +523,9 @@ async def run_round(
         (staging / "pseudo_labels.json").write_text(json.dumps(labels, indent=1) + "\n")
         path = checkpoint.publish(staging, out_dir, version)
     except BaseException:
+        if training_run is not None and not training_run.done():  # the parent's evaluation failed beside it
+            stop_training.set()
+            await asyncio.gather(training_run, return_exceptions=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return RoundResult(path, replace(candidate, path=str(path)), manifest, labels)
@@ -504,7 +538,7 @@ async def _score_holdout(
     config: RoundConfig,
     constrain: bool,
     stage: str,
-    report: Progress,
+    report: Progress | None,
 ) -> dict[str, Any]:
     indices = sorted({index for label in holdout for index in (label.i, label.j)})
     # In a thread: variant images are read from their files (the engine may be serving clients).
@@ -516,7 +550,7 @@ async def _score_holdout(
         _sampling(config, constrain, "score"),
         config.profile,
         config.concurrency,
-        lambda done, total: report(stage, done, total),
+        None if report is None else lambda done, total: report(stage, done, total),
     )
     readings = await read_images(engine, images, config.profile, config.concurrency)
     return {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import multiprocessing
 from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -69,11 +70,15 @@ class Engines:
     """`RoundEngines` from one opener: the parent and the candidate are opened the same way."""
 
     open: Callable
+    beside: bool = False  # the parent's held-out evaluation runs beside the training
 
     def parent(self, spec: ModelSpec):
         return self.open(spec)
 
     candidate = parent
+
+    def holds_parent_while_training(self, spec: ModelSpec) -> bool:
+        return self.beside
 
 
 def test_a_round_through_the_engine_interface_publishes_a_complete_version(
@@ -137,6 +142,77 @@ def test_a_round_through_the_engine_interface_publishes_a_complete_version(
     source = resolve_model(result.path)
     assert (source.kind, source.version, source.root) == ("lora", 1, str(demo.resolve()))
     assert source.spec().base_path == str(demo.resolve())
+
+
+class RecordingEngine(BrightnessEngine):
+    """BrightnessEngine that logs each reading of the parent in `events`, and may fail on them."""
+
+    def __init__(self, spec: ModelSpec, events: list[str], fail_reading: bool = False) -> None:
+        super().__init__(spec)
+        self.events = events
+        self.fail_reading = fail_reading
+
+    async def read(self, request: ReadingRequest) -> ReadingResult:
+        if self.active.kind == "base":
+            self.events.append("parent read")
+            if self.fail_reading:
+                raise RuntimeError("the parent's engine broke")
+        return await super().read(request)
+
+
+def _overlap_round(demo: Path, tmp_path: Path, events: list[str], fail_reading: bool = False):
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    for k in range(6):
+        grey(40 * k + 20).save(pool_dir / f"g{k}.png")
+
+    @asynccontextmanager
+    async def open_engine(spec: ModelSpec):
+        yield RecordingEngine(spec, events, fail_reading)
+
+    config = RoundConfig(
+        pairs=10,
+        votes=2,
+        holdout=0.3,
+        eval_samples=1,
+        max_new_tokens=16,
+        train=TrainSettings(generations=2, steps=2, images_per_step=2, learning_rate=1e-3),
+    )
+    return run_round(
+        demo,
+        pool_dir,
+        tmp_path / "out",
+        config,
+        engines=Engines(open_engine, beside=True),
+        progress=lambda stage, done, total: events.append(f"{stage} {done}"),
+    )
+
+
+def test_the_parents_evaluation_runs_beside_the_training_when_its_engine_stays_loaded(
+    demo: Path, tmp_path: Path
+) -> None:
+    """A vLLM server or the serving engine holds the parent during training anyway: its held-out
+    evaluation then overlaps the training child (whose start-up alone takes seconds) instead of
+    delaying it."""
+    events: list[str] = []
+    result = asyncio.run(_overlap_round(demo, tmp_path, events))
+    started, first_step = events.index("training 0"), events.index("training 1")
+    reads = [k for k, event in enumerate(events) if event == "parent read"]
+    assert reads and all(started < k < first_step for k in reads), events
+    assert not any(event.startswith("scoring-before") for event in events)  # training's steps are shown
+    before = result.manifest["metrics"]["before"]
+    assert before["holdout_read_agreement"] == 1.0 and len(before["holdout_read_pairs"]) == 3
+
+
+def test_a_parent_evaluation_failing_beside_the_training_stops_it_and_leaves_no_version(
+    demo: Path, tmp_path: Path
+) -> None:
+    events: list[str] = []
+    with pytest.raises(RuntimeError, match="parent's engine broke"):
+        asyncio.run(_overlap_round(demo, tmp_path, events, fail_reading=True))
+    assert "training 0" in events and "training 2" not in events  # stopped before it finished
+    assert list((tmp_path / "out").iterdir()) == []
+    assert multiprocessing.active_children() == []  # the training child was killed and reaped
 
 
 def test_a_round_with_variants_votes_and_trains_on_same_reference_pairs(demo: Path, tmp_path: Path) -> None:
