@@ -2,10 +2,9 @@
 
 One command, offline, on the tiny demo model: `.venv/bin/python bench/round.py` (default: 64 images,
 128 pairs, K = 8 votes, G = 4 rollouts, 8 GRPO steps of 4 images, the service's other round
-settings). It builds the demo model and a pool
-of generated images (photos, blurred and noisy copies) in a temporary folder and runs
-`trainer.round.run_round` as `evoq evolve` does: voting and held-out scoring on the local engine in
-this process, GRPO in a spawned child process. Stages:
+settings). It builds the demo model and a pool of generated images (photos, blurred and noisy copies)
+in a temporary folder and runs `trainer.round.run_round` as `evoq evolve` does: voting and held-out
+scoring on the local engine in this process, GRPO in a spawned child process. Stages:
 
   - voting: M pairs x K votes, each request n = K/2 samples per image order;
   - training: the child process end to end (start-up and imports, model load, GRPO, saving);
