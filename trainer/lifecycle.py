@@ -504,6 +504,9 @@ class _ForRound:
     def parent(self, spec: ModelSpec) -> AbstractAsyncContextManager[Engine]:
         return self.engines.parent(self.parent_spec)
 
+    def holds_parent_while_training(self, spec: ModelSpec) -> bool:
+        return self.engines.holds_parent_while_training(self.parent_spec)
+
     def candidate(self, spec: ModelSpec) -> AbstractAsyncContextManager[Engine]:
         return self.engines.candidate(
             replace(spec, version_id=-1, name=f"candidate of round {self.round_id}")
