@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/evoq-inference-quality"))
     parser.add_argument("--seed", type=int, default=0, help="the organism's seed")
-    parser.add_argument("--scenes", type=int, default=4, help="procedural scenes in the held-out split")
+    parser.add_argument("--scenes", type=int, default=20, help="procedural scenes in the held-out split")
     parser.add_argument("--samples", type=int, default=8, help="samples per sampled score (service default)")
     parser.add_argument("--repeats", type=int, default=3, help="sampled evaluations of the same images")
     parser.add_argument("--votes-per-image", type=int, default=8, help="ranking budget per image")
@@ -174,7 +174,7 @@ async def measure(args: argparse.Namespace, base: Path) -> dict:
 def report(out: dict, args: argparse.Namespace) -> None:
     runs = out["sampled"]
     table = Table(title=f"per image: {out['images']} held-out images of the organism (seed {args.seed})")
-    for column in ("score", "SRCC", "PLCC", "KRCC", "s / image", "generated tokens / image"):
+    for column in ("score", "SRCC", "PLCC", "KRCC", "s / image (all in flight)", "generated tokens / image"):
         table.add_column(column, justify="right" if column != "score" else "left")
     fast = out["fast"]
     table.add_row(
@@ -217,6 +217,11 @@ def report(out: dict, args: argparse.Namespace) -> None:
     table.add_row("fast per image", mean_sd("fast_srcc"), "0", "")
     console.print(table)
     wins = sum(s["rank_srcc"] > s["per_image_srcc"] for s in sets)
+    for other in ("per_image_srcc", "fast_srcc"):
+        gains = [s["rank_srcc"] - s[other] for s in sets]
+        error = statistics.stdev(gains) / len(gains) ** 0.5 if len(gains) > 1 else float("nan")
+        mean_gain = statistics.fmean(gains)
+        console.print(f"rank minus {other[:-5]}, paired over sets: {mean_gain:+.3f} (SE {error:.3f})")
     console.print(
         f"inference quality: fast SRCC {fast['srcc']:.3f} vs sampled n={args.samples} "
         f"{statistics.fmean(r['srcc'] for r in runs):.3f}; per set, rank {mean_sd('rank_srcc')} vs per-image "
