@@ -543,16 +543,19 @@ async def _score_holdout(
     indices = sorted({index for label in holdout for index in (label.i, label.j)})
     # In a thread: variant images are read from their files (the engine may be serving clients).
     images = await asyncio.to_thread(lambda: [pool.images[k] for k in indices])
-    results = await score_images(
-        engine,
-        images,
-        config.eval_samples,
-        _sampling(config, constrain, "score"),
-        config.profile,
-        config.concurrency,
-        None if report is None else lambda done, total: report(stage, done, total),
+    # Both at once: an engine that batches (vLLM, the local engine) fills its batches from the two.
+    results, readings = await asyncio.gather(
+        score_images(
+            engine,
+            images,
+            config.eval_samples,
+            _sampling(config, constrain, "score"),
+            config.profile,
+            config.concurrency,
+            None if report is None else lambda done, total: report(stage, done, total),
+        ),
+        read_images(engine, images, config.profile, config.concurrency),
     )
-    readings = await read_images(engine, images, config.profile, config.concurrency)
     return {
         "model": engine.active.name,
         **gate_metrics(

@@ -36,7 +36,8 @@ import os
 import shutil
 import time
 import uuid
-from collections import deque
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ LOAD_PROBE_S = 0.5  # how often a waiting round request asks the server how busy
 # server's count is compared with the most this engine had there since then, not with its count now.
 GAUGE_LAG_S = 1.0
 THROTTLE_POLL_S = 0.05
+URL_CACHE_SIZE = 64  # encoded images kept (model-sized JPEG, base64: at most a few hundred KB each)
 RELOADING = "evoq:reloading"  # weight_version while a reload runs: the weights are then unknown
 
 # The answer grammar of iqa.engines.constraint as a regular expression for vLLM's `structured_outputs`:
@@ -307,8 +309,11 @@ class VLLMEngine:
         self._down_until = 0.0
         self._down_message = ""
         self._candidate_ids: dict[tuple[str, ...], list[int]] = {}  # reading candidates -> token ids
+        # id(image) -> (a weak reference to it, its data URL); the reference tells a reused id apart
+        self._url_cache: OrderedDict[int, tuple[weakref.ref[Image.Image], str]] = OrderedDict()
         # Round work yields to clients (see `_sending`): what this engine has at the server now, and
         # when a client request was last seen (its own, or others' in the server's queue).
+        self._own_adapters: set[str] = set()  # loaded by this engine: requests on others are someone else's
         self._own_sequences = 0
         self._own_history: deque[tuple[float, int]] = deque([(float("-inf"), 0)])  # (since, count)
         self._background_in_flight = 0
@@ -473,8 +478,26 @@ class VLLMEngine:
         return await self._urls(request.images)
 
     async def _urls(self, images: tuple[Image.Image, ...]) -> list[str]:
-        """The images as data URLs, encoded off the event loop."""
-        return await asyncio.to_thread(lambda: [image_data_url(im, self.max_pixels) for im in images])
+        """The images as data URLs, encoded off the event loop. The last `URL_CACHE_SIZE` encodings are
+        kept by image object: a comparison sends its two images twice (both orders), and a round's
+        image meets several partners (measured: encoding again cost a round 15% of its votes/s)."""
+        cache = self._url_cache
+        urls: list[str | None] = []
+        for image in images:
+            kept = cache.get(id(image))
+            urls.append(kept[1] if kept is not None and kept[0]() is image else None)
+        missing = [k for k, url in enumerate(urls) if url is None]
+        if missing:
+            encoded = await asyncio.to_thread(
+                lambda: [image_data_url(images[k], self.max_pixels) for k in missing]
+            )
+            for k, url in zip(missing, encoded, strict=True):
+                urls[k] = url
+                cache[id(images[k])] = (weakref.ref(images[k]), url)
+                cache.move_to_end(id(images[k]))
+                while len(cache) > URL_CACHE_SIZE:
+                    cache.popitem(last=False)
+        return [url for url in urls if url is not None]
 
     async def _send(self, route: _Route, request: GenerationRequest, urls: list[str]) -> list[str] | None:
         """The completions of `request` on `route`, counted in its in-flight requests; None when the
@@ -530,21 +553,27 @@ class VLLMEngine:
         return response
 
     async def _clients_active(self) -> bool:
-        """A client request in the last `CLIENT_ACTIVE_S`: this engine's own, or more sequences at the
-        server than this engine sent (read from its /metrics at most every `LOAD_PROBE_S`; requests that
-        ask while a read is on its way share its answer)."""
+        """A client request in the last `CLIENT_ACTIVE_S`: this engine's own, or someone else's at the
+        server (read from its /metrics at most every `LOAD_PROBE_S`; requests that ask while a read is
+        on its way share its answer). Every engine serves through adapters of its own, so vLLM's
+        running and waiting adapters name the others exactly; a server without that gauge is judged
+        by its sequence count against the most this engine had there since a step before the read."""
         now = time.monotonic()
         if self._clients_in_flight or now - self._client_seen_at < CLIENT_ACTIVE_S:
             return True
         probe = self._load_probe
         if probe is None or (probe.done() and now - self._load_checked_at >= LOAD_PROBE_S):
             self._load_checked_at = now
-            probe = self._load_probe = asyncio.ensure_future(self._server_sequences())
+            probe = self._load_probe = asyncio.ensure_future(self._server_load())
         checked_at = self._load_checked_at
-        if await asyncio.shield(probe) > self._own_peak_since(checked_at - GAUGE_LAG_S):
+        sequences, adapters = await asyncio.shield(probe)
+        if adapters is not None:
+            others = bool(adapters - self._own_adapters)
+        else:
+            others = sequences > self._own_peak_since(checked_at - GAUGE_LAG_S)
+        if others:
             self._client_seen_at = max(self._client_seen_at, checked_at)
-            return True
-        return False
+        return others
 
     def _count_own(self, change: int) -> None:
         """Add `change` sequences to this engine's count at the server, and remember when."""
@@ -564,19 +593,27 @@ class VLLMEngine:
                 break
         return peak
 
-    async def _server_sequences(self) -> int:
-        """Sequences running or waiting on the server (vLLM's gauges); 0 when it does not say."""
+    async def _server_load(self) -> tuple[int, set[str] | None]:
+        """Sequences running or waiting on the server, and the adapters they run on (None when the
+        server has no `vllm:lora_requests_info`); (0, None) when it does not say."""
         try:
             response = await self._call("GET", "/metrics")
         except EngineUnavailable:
-            return 0
+            return 0, None
         if response.status_code != 200:
-            return 0
-        total = 0.0
+            return 0, None
+        total, adapters, latest = 0.0, None, float("-inf")
         for family in text_string_to_metric_families(response.text):
             if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
                 total += sum(sample.value for sample in family.samples)
-        return int(total)
+            elif family.name == "vllm:lora_requests_info":
+                for sample in family.samples:  # one series per state seen; its value is when (latest wins)
+                    if sample.value > latest:
+                        latest = sample.value
+                        names = f"{sample.labels.get('running_lora_adapters', '')},"
+                        names += sample.labels.get("waiting_lora_adapters", "")
+                        adapters = {name for name in names.split(",") if name}
+        return int(total), adapters
 
     @asynccontextmanager
     async def _sending(self, background: bool, sequences: int) -> AsyncIterator[None]:
@@ -725,6 +762,7 @@ class VLLMEngine:
             adapter_path = str(folder.resolve())
         label = f"v{spec.version_id}" if spec.version_id >= 0 else "candidate"  # unregistered: provisional
         name = f"evoq-{label}-{uuid.uuid4().hex[:8]}"
+        self._own_adapters.add(name)
         try:
             await self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": adapter_path})
         except RuntimeError as error:
@@ -800,6 +838,7 @@ class VLLMEngine:
 
     async def _unload(self, name: str) -> None:
         """Best effort: an adapter the server already lost (restart) needs no unloading."""
+        self._own_adapters.discard(name)
         try:
             response = await self._call("POST", "/v1/unload_lora_adapter", json={"lora_name": name})
         except EngineUnavailable as error:

@@ -284,6 +284,33 @@ async def test_round_work_alone_is_never_taken_for_a_client(
     assert widest > vllm_engine.BACKGROUND_WHILE_CLIENTS
 
 
+async def test_an_image_sent_again_is_not_encoded_again(
+    tiny_models: TinyModels, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A comparison sends its images in both orders, and a round's image meets several partners: the
+    data URL of an image object is made once; another object (even at a reused address) gets its own."""
+    encoded: list[int] = []
+    original = vllm_engine.image_data_url
+
+    def counting(image: Image.Image, max_pixels: int) -> str:
+        encoded.append(id(image))
+        return original(image, max_pixels)
+
+    monkeypatch.setattr(vllm_engine, "image_data_url", counting)
+    engine = VLLMEngine(spec_of(tiny_models, "base"), base_url="http://127.0.0.1:9", adapter_dir=tmp_path)
+    a, b = photo(64, 48, 1), photo(64, 48, 2)
+    first = await engine._urls((a, b))
+    assert await engine._urls((b, a)) == first[::-1] and len(encoded) == 2
+    address = id(a)
+    del a
+    c = photo(64, 48, 3)  # may take the freed address: the weak reference tells them apart
+    assert (await engine._urls((c,)))[0] != first[0] and len(encoded) == 3
+    alive = [photo(16, 16, 100 + k) for k in range(vllm_engine.URL_CACHE_SIZE + 5)]
+    for image in alive:  # bounded: the oldest are dropped
+        await engine._urls((image,))
+    assert len(engine._url_cache) == vllm_engine.URL_CACHE_SIZE and address not in engine._url_cache
+
+
 # ---- failures --------------------------------------------------------------------------------------
 async def test_an_unreachable_server_is_unavailable_after_bounded_retries(
     tiny_models: TinyModels, tmp_path: Path
