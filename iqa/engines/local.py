@@ -176,16 +176,56 @@ class LocalEngine:
         return ReadingResult(logprobs, loaded.spec)
 
     def _read(self, loaded: LoadedModel, request: ReadingRequest) -> list[list[float | None]]:
+        """The prompt (with its images) and the prefixes' common part run once; each prefix's own
+        tokens then continue from that KV cache (a score reading: one prefill instead of five)."""
         processor = loaded.processor
         tokenizer = processor.tokenizer
         candidates = [tokenizer.encode(c, add_special_tokens=False) for c in request.candidates]
         if any(len(ids) != 1 for ids in candidates):
             raise ValueError(f"every candidate must be one token: {request.candidates}")
+        chosen_ids = [ids[0] for ids in candidates]
         prompt = processor.apply_chat_template(
             chat_messages(request.text, len(request.images)), add_generation_prompt=True, tokenize=False
         )
         images = [downscale_for_model(im, self.max_pixels) for im in request.images]
-        inputs = processor(
+        # The prefixes' own tokens, found on the text alone (the images expand inside the prompt only).
+        ids = [tokenizer.encode(prompt + prefix, add_special_tokens=False) for prefix in request.prefixes]
+        shared = min(len(row) for row in ids)
+        while shared and any(row[:shared] != ids[0][:shared] for row in ids):
+            shared -= 1
+        tails = [torch.tensor(row[shared:]) for row in ids]
+        if len({len(tail) for tail in tails if len(tail)}) > 1:
+            return self._read_rows(loaded, request, prompt, images, chosen_ids)  # tails of mixed lengths
+        first = processor(text=[prompt + request.prefixes[0]], images=images, return_tensors="pt")
+        shared = first["input_ids"].shape[1] - len(tails[0])  # the same place, counted with the images
+        per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
+        common = {
+            key: (value[:, :shared] if key in per_token else value).to(loaded.device)
+            for key, value in first.items()
+        }
+        with torch.inference_mode():
+            out = loaded.model(**common, use_cache=True)
+            last = torch.log_softmax(out.logits[:, -1, :].float(), -1)[0]
+            result: list[list[float] | None] = [None] * len(tails)
+            continuing = [k for k, tail in enumerate(tails) if len(tail)]
+            for k in range(len(tails)):
+                if not len(tails[k]):
+                    result[k] = last[chosen_ids].cpu().tolist()
+            if continuing:
+                cache = out.past_key_values
+                cache.batch_repeat_interleave(len(continuing))
+                suffix = torch.stack([tails[k] for k in continuing]).to(loaded.device)
+                logits = loaded.model(input_ids=suffix, past_key_values=cache, use_cache=True).logits
+                chosen = torch.log_softmax(logits[:, -1, :].float(), -1)[:, chosen_ids].cpu().tolist()
+                for k, values in zip(continuing, chosen, strict=True):
+                    result[k] = values
+        return [values for values in result if values is not None]
+
+    def _read_rows(
+        self, loaded: LoadedModel, request: ReadingRequest, prompt: str, images: list, chosen_ids: list[int]
+    ) -> list[list[float | None]]:
+        """Every prefix as a row of one batch (prefixes whose own tokens differ in length)."""
+        inputs = loaded.processor(
             text=[prompt + prefix for prefix in request.prefixes],
             images=images * len(request.prefixes),
             return_tensors="pt",
@@ -193,8 +233,7 @@ class LocalEngine:
         ).to(loaded.device)
         with torch.inference_mode():
             logits = loaded.model(**inputs).logits[:, -1, :].float()
-        chosen = torch.log_softmax(logits, -1)[:, [ids[0] for ids in candidates]]
-        return chosen.cpu().tolist()
+        return torch.log_softmax(logits, -1)[:, chosen_ids].cpu().tolist()
 
     def queue_depth(self) -> dict[str, int]:
         """Requests waiting for the model: client requests and round work."""

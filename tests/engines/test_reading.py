@@ -10,7 +10,8 @@ import pytest
 from iqa.engines.base import ModelSpec, ReadingRequest
 from iqa.engines.hf_loading import load_model
 from iqa.engines.local import LocalEngine
-from iqa.prompts import prompt_set
+from iqa.images import downscale_for_model
+from iqa.prompts import chat_messages, prompt_set
 from iqa.reading import DIGITS, read_compare, read_score, score_from_logprobs, score_prefixes
 from tests.imagegen import photo
 from trainer.organism.evaluate import OpinionReader
@@ -85,6 +86,33 @@ async def test_the_engine_reads_what_the_organism_reader_does(engine: LocalEngin
     (expected_vote,) = reader.first_better([(images[0], images[1])])
     vote = await read_compare(engine, images[0], images[1], "evoquality")
     assert vote.prob_a_better == pytest.approx(expected_vote, abs=1e-4)
+
+
+async def test_the_prefixes_share_one_prefill_and_read_what_separate_rows_do(
+    engine: LocalEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A score reading runs the prompt once and continues each prefix from its KV cache: every
+    prefix's digit log-probabilities equal those of the five prefixes run as rows of one batch."""
+    image = photo(160, 120, 7)
+    request = ReadingRequest(
+        (image,), prompt_set("evoquality").score_text, score_prefixes("evoquality"), DIGITS
+    )
+    loaded = engine._loaded
+    ids = [loaded.processor.tokenizer.convert_tokens_to_ids(d) for d in DIGITS]
+    prompt = loaded.processor.apply_chat_template(
+        chat_messages(request.text, 1), add_generation_prompt=True, tokenize=False
+    )
+    separate = engine._read_rows(
+        loaded, request, prompt, [downscale_for_model(image, engine.max_pixels)], ids
+    )
+
+    def refused(*args: object) -> None:
+        raise AssertionError("the reading fell back to separate rows")
+
+    monkeypatch.setattr(engine, "_read_rows", refused)
+    shared = (await engine.read(request)).logprobs
+    assert len(shared) == 5 and all(len(row) == 10 for row in shared)
+    assert shared == [pytest.approx(row, abs=1e-4) for row in separate]
 
 
 async def test_a_candidate_of_several_tokens_is_refused(engine: LocalEngine) -> None:
