@@ -212,10 +212,10 @@ class LocalEngine:
                 if not len(tails[k]):
                     result[k] = last[chosen_ids].cpu().tolist()
             if continuing:
-                cache = out.past_key_values
+                cache = out.cache
                 cache.batch_repeat_interleave(len(continuing))
                 suffix = torch.stack([tails[k] for k in continuing]).to(loaded.device)
-                logits = loaded.model(input_ids=suffix, past_key_values=cache, use_cache=True).logits
+                logits = loaded.model(input_ids=suffix, cache=cache, use_cache=True).logits
                 chosen = torch.log_softmax(logits[:, -1, :].float(), -1)[:, chosen_ids].cpu().tolist()
                 for k, values in zip(continuing, chosen, strict=True):
                     result[k] = values
