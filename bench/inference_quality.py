@@ -26,7 +26,6 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -60,14 +59,10 @@ def correlations(predicted: list[float], truth: list[float]) -> dict[str, float]
 
 
 def base_model(args: argparse.Namespace) -> Path:
-    from trainer.organism.build import RECIPE_FILE, Recipe, build_organism
+    from trainer.organism.build import Recipe, ensure_organism
 
     base = args.out / "base"
-    recipe = Recipe(seed=args.seed)
-    record = base / RECIPE_FILE
-    built = json.loads(record.read_text())["recipe"] if record.is_file() else None
-    if args.rebuild or built != asdict(recipe):
-        build_organism(base, recipe, log=lambda line: print(f"  {line}", flush=True))
+    ensure_organism(base, Recipe(seed=args.seed), lambda line: print(f"  {line}", flush=True), args.rebuild)
     return base
 
 

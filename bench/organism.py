@@ -19,7 +19,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     from trainer.cli import quiet_libraries
     from trainer.gate import GateThresholds, gate_inputs, judge
-    from trainer.organism.build import RECIPE_FILE, Recipe, build_organism
+    from trainer.organism.build import Recipe, ensure_organism
     from trainer.organism.data import heldout_split, pool_split, reserved_split
     from trainer.organism.measure import (
         bootstrap,
@@ -152,13 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         folder = out / f"seed{seed}"
         base = folder / "base"
-        recipe = Recipe(seed=seed)
-        built = (
-            json.loads((base / RECIPE_FILE).read_text())["recipe"] if (base / RECIPE_FILE).is_file() else None
-        )
-        if args.rebuild or built != asdict(recipe):
-            build_organism(base, recipe, log=lambda line, s=seed: print(f"  [seed {s}] {line}", flush=True))
-        build_s = json.loads((base / RECIPE_FILE).read_text())["timings"]["total_s"]
+        log = lambda line, s=seed: print(f"  [seed {s}] {line}", flush=True)  # noqa: E731
+        build_s = ensure_organism(base, Recipe(seed=seed), log, args.rebuild)["timings"]["total_s"]
         for old in [*folder.glob("v[0-9][0-9][0-9]*"), folder / "control", folder / "variants"]:  # old runs
             shutil.rmtree(old, ignore_errors=True)
         pool = pool_split(args.pool_references, args.pool_per_reference, seed)

@@ -205,21 +205,16 @@ class LocalEngine:
         }
         with torch.inference_mode():
             out = loaded.model(**common, use_cache=True)
-            last = torch.log_softmax(out.logits[:, -1, :].float(), -1)[0]
-            result: list[list[float] | None] = [None] * len(tails)
+            at_common = torch.log_softmax(out.logits[0, -1].float(), -1)[chosen_ids].cpu().tolist()
             continuing = [k for k, tail in enumerate(tails) if len(tail)]
-            for k in range(len(tails)):
-                if not len(tails[k]):
-                    result[k] = last[chosen_ids].cpu().tolist()
+            continued: dict[int, list[float | None]] = {}
             if continuing:
-                cache = out.cache
-                cache.batch_repeat_interleave(len(continuing))
+                out.cache.batch_repeat_interleave(len(continuing))
                 suffix = torch.stack([tails[k] for k in continuing]).to(loaded.device)
-                logits = loaded.model(input_ids=suffix, cache=cache, use_cache=True).logits
-                chosen = torch.log_softmax(logits[:, -1, :].float(), -1)[:, chosen_ids].cpu().tolist()
-                for k, values in zip(continuing, chosen, strict=True):
-                    result[k] = values
-        return [values for values in result if values is not None]
+                logits = loaded.model(input_ids=suffix, cache=out.cache, use_cache=True).logits[:, -1].float()
+                read = torch.log_softmax(logits, -1)[:, chosen_ids].cpu().tolist()
+                continued = dict(zip(continuing, read, strict=True))
+        return [continued.get(k, at_common) for k in range(len(tails))]
 
     def _read_rows(
         self, loaded: LoadedModel, request: ReadingRequest, prompt: str, images: list, chosen_ids: list[int]

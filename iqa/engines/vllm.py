@@ -37,7 +37,7 @@ import shutil
 import time
 import uuid
 import weakref
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
@@ -72,9 +72,6 @@ BACKGROUND_PRIORITY = 1  # vLLM serves lower numbers first: client requests have
 CLIENT_ACTIVE_S = 5.0  # as the local engine: round work yields this long after a client request
 BACKGROUND_WHILE_CLIENTS = 2  # round requests in flight while clients are active
 LOAD_PROBE_S = 0.5  # how often a waiting round request asks the server how busy it is
-# vLLM's gauges describe its last scheduler step, which may be this long before a /metrics read: the
-# server's count is compared with the most this engine had there since then, not with its count now.
-GAUGE_LAG_S = 1.0
 THROTTLE_POLL_S = 0.05
 URL_CACHE_SIZE = 64  # encoded images kept (model-sized JPEG, base64: at most a few hundred KB each)
 RELOADING = "evoq:reloading"  # weight_version while a reload runs: the weights are then unknown
@@ -311,16 +308,14 @@ class VLLMEngine:
         self._candidate_ids: dict[tuple[str, ...], list[int]] = {}  # reading candidates -> token ids
         # id(image) -> (a weak reference to it, its data URL); the reference tells a reused id apart
         self._url_cache: OrderedDict[int, tuple[weakref.ref[Image.Image], str]] = OrderedDict()
-        # Round work yields to clients (see `_sending`): what this engine has at the server now, and
-        # when a client request was last seen (its own, or others' in the server's queue).
+        # Round work yields to clients (see `_sending`): what this engine has at the server, and when a
+        # client request was last seen (its own, or others' in the server's queue).
         self._own_adapters: set[str] = set()  # loaded by this engine: requests on others are someone else's
-        self._own_sequences = 0
-        self._own_history: deque[tuple[float, int]] = deque([(float("-inf"), 0)])  # (since, count)
         self._background_in_flight = 0
         self._clients_in_flight = 0
         self._client_seen_at = float("-inf")
         self._load_checked_at = float("-inf")
-        self._load_probe: asyncio.Future[int] | None = None
+        self._load_probe: asyncio.Future[set[str]] | None = None
 
     @property
     def active(self) -> ModelSpec:
@@ -555,90 +550,66 @@ class VLLMEngine:
     async def _clients_active(self) -> bool:
         """A client request in the last `CLIENT_ACTIVE_S`: this engine's own, or someone else's at the
         server (read from its /metrics at most every `LOAD_PROBE_S`; requests that ask while a read is
-        on its way share its answer). Every engine serves through adapters of its own, so vLLM's
-        running and waiting adapters name the others exactly; a server without that gauge is judged
-        by its sequence count against the most this engine had there since a step before the read."""
+        on its way share its answer). Every engine serves through adapters of its own, so the adapters
+        vLLM runs or queues (`vllm:lora_requests_info`, published whenever LoRA is on, as this engine
+        requires) name the others exactly. Comparing vLLM's sequence count with this engine's own took
+        a round's own finished requests for clients (the gauges lag a step) and halved its votes/s."""
         now = time.monotonic()
         if self._clients_in_flight or now - self._client_seen_at < CLIENT_ACTIVE_S:
             return True
         probe = self._load_probe
         if probe is None or (probe.done() and now - self._load_checked_at >= LOAD_PROBE_S):
             self._load_checked_at = now
-            probe = self._load_probe = asyncio.ensure_future(self._server_load())
+            probe = self._load_probe = asyncio.ensure_future(self._server_adapters())
         checked_at = self._load_checked_at
-        sequences, adapters = await asyncio.shield(probe)
-        if adapters is not None:
-            others = bool(adapters - self._own_adapters)
-        else:
-            others = sequences > self._own_peak_since(checked_at - GAUGE_LAG_S)
+        others = bool(await asyncio.shield(probe) - self._own_adapters)
         if others:
             self._client_seen_at = max(self._client_seen_at, checked_at)
         return others
 
-    def _count_own(self, change: int) -> None:
-        """Add `change` sequences to this engine's count at the server, and remember when."""
-        self._own_sequences += change
-        now = time.monotonic()
-        history = self._own_history
-        history.append((now, self._own_sequences))
-        while len(history) > 1 and history[1][0] < now - LOAD_PROBE_S - GAUGE_LAG_S - 60.0:
-            history.popleft()  # a minute back is plenty for any probe; the oldest count kept holds then
-
-    def _own_peak_since(self, since: float) -> int:
-        """The most sequences this engine had at the server from `since` until now."""
-        peak = 0
-        for at, count in reversed(self._own_history):
-            peak = max(peak, count)
-            if at <= since:  # the count in effect at `since`
-                break
-        return peak
-
-    async def _server_load(self) -> tuple[int, set[str] | None]:
-        """Sequences running or waiting on the server, and the adapters they run on (None when the
-        server has no `vllm:lora_requests_info`); (0, None) when it does not say."""
+    async def _server_adapters(self) -> set[str]:
+        """The adapters with requests running or waiting at the server; empty when it does not say."""
         try:
             response = await self._call("GET", "/metrics")
         except EngineUnavailable:
-            return 0, None
+            return set()
         if response.status_code != 200:
-            return 0, None
-        total, adapters, latest = 0.0, None, float("-inf")
+            return set()
+        adapters: set[str] = set()
+        latest = float("-inf")
         for family in text_string_to_metric_families(response.text):
-            if family.name in ("vllm:num_requests_running", "vllm:num_requests_waiting"):
-                total += sum(sample.value for sample in family.samples)
-            elif family.name == "vllm:lora_requests_info":
+            if family.name == "vllm:lora_requests_info":
                 for sample in family.samples:  # one series per state seen; its value is when (latest wins)
                     if sample.value > latest:
                         latest = sample.value
                         names = f"{sample.labels.get('running_lora_adapters', '')},"
                         names += sample.labels.get("waiting_lora_adapters", "")
                         adapters = {name for name in names.split(",") if name}
-        return int(total), adapters
+        return adapters
 
     @asynccontextmanager
-    async def _sending(self, background: bool, sequences: int) -> AsyncIterator[None]:
-        """Count a request at the server. Round work waits while clients are active and
-        `BACKGROUND_WHILE_CLIENTS` round requests are in flight: vLLM's priority scheduling orders only
-        its waiting queue, so every round request running beside a client's slows it down."""
-        if background:
-            # Polled, not an Event: clients stop being active by time passing, and others' requests are
-            # only seen in the server's gauges.
-            while True:
-                if self._background_in_flight < BACKGROUND_WHILE_CLIENTS or not await self._clients_active():
-                    break
-                await asyncio.sleep(THROTTLE_POLL_S)
-            self._background_in_flight += 1
-        self._count_own(sequences)
+    async def _sending(self, background: bool) -> AsyncIterator[None]:
+        """Round work waits while clients are active and `BACKGROUND_WHILE_CLIENTS` round requests are
+        in flight: vLLM's priority scheduling orders only its waiting queue, so every round request
+        running beside a client's slows it down."""
+        if not background:
+            yield
+            return
+        # Polled, not an Event: clients stop being active by time passing, and others' requests are
+        # only seen in the server's gauges.
+        while True:
+            if self._background_in_flight < BACKGROUND_WHILE_CLIENTS or not await self._clients_active():
+                break
+            await asyncio.sleep(THROTTLE_POLL_S)
+        self._background_in_flight += 1
         try:
             yield
         finally:
-            self._count_own(-sequences)
-            if background:
-                self._background_in_flight -= 1
+            self._background_in_flight -= 1
 
     async def _chat(self, route: _Route, payload: dict) -> list[dict]:
         """The choices of one chat-completions call on `route`; `_RouteLost` when the server lost it."""
-        async with self._sending(payload.get("priority") == BACKGROUND_PRIORITY, payload.get("n", 1)):
+        async with self._sending(payload.get("priority") == BACKGROUND_PRIORITY):
             response = await self._call("POST", "/v1/chat/completions", json=payload)
         if response.status_code == 404 and route.adapter in _message(response):
             raise _RouteLost(f"vLLM forgot adapter {route.adapter}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from safetensors.torch import load_file
 
 from trainer.config import RoundConfig, TrainSettings
 from trainer.distortions import DISTORTIONS, LEVELS, distort
-from trainer.organism.build import ORGANISM_NAME, RECIPE_FILE, Recipe, build_organism
+from trainer.organism.build import ORGANISM_NAME, RECIPE_FILE, Recipe, build_organism, ensure_organism
 from trainer.organism.data import (
     RESERVED_PHOTOS,
     SPLIT_PHOTOS,
@@ -104,6 +105,13 @@ def test_the_builder_is_deterministic_and_writes_a_demo_folder(tmp_path: Path) -
     assert json.loads((first / RECIPE_FILE).read_text())["recipe"]["steps"] == 3
     config = json.loads((first / "config.json").read_text())
     assert config["vision_config"]["window_size"] == 224
+    # A bench reuses a base built from the same recipe and rebuilds one from another.
+    weights = first / "model.safetensors"
+    built_at = weights.stat().st_mtime_ns
+    assert ensure_organism(first, tiny, log=lambda line: None)["recipe"]["steps"] == 3
+    assert weights.stat().st_mtime_ns == built_at
+    assert ensure_organism(first, replace(tiny, steps=2), log=lambda line: None)["recipe"]["steps"] == 2
+    assert weights.stat().st_mtime_ns != built_at
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,15 @@ def grey(level: int) -> Image.Image:
     return Image.new("RGB", (32, 32), (level, level, level))
 
 
+def grey_pool(tmp_path: Path, count: int, step: int) -> Path:
+    """A pool folder of `count` flat greys, `step` apart in brightness (the scripted engine's order)."""
+    pool_dir = tmp_path / "pool"
+    pool_dir.mkdir()
+    for k in range(count):
+        grey(step * k + 20).save(pool_dir / f"g{k}.png")
+    return pool_dir
+
+
 class BrightnessEngine:
     """Scores an image by its brightness and votes for the brighter one; answers as the active spec."""
 
@@ -84,10 +93,7 @@ class Engines:
 def test_a_round_through_the_engine_interface_publishes_a_complete_version(
     demo: Path, tmp_path: Path
 ) -> None:
-    pool_dir = tmp_path / "pool"
-    pool_dir.mkdir()
-    for k in range(6):
-        grey(40 * k + 20).save(pool_dir / f"g{k}.png")
+    pool_dir = grey_pool(tmp_path, 6, 40)
     opened: list[ModelSpec] = []
 
     @asynccontextmanager
@@ -161,10 +167,7 @@ class RecordingEngine(BrightnessEngine):
 
 
 def _overlap_round(demo: Path, tmp_path: Path, events: list[str], fail_reading: bool = False):
-    pool_dir = tmp_path / "pool"
-    pool_dir.mkdir()
-    for k in range(6):
-        grey(40 * k + 20).save(pool_dir / f"g{k}.png")
+    pool_dir = grey_pool(tmp_path, 6, 40)
 
     @asynccontextmanager
     async def open_engine(spec: ModelSpec):
@@ -266,10 +269,7 @@ def test_a_round_with_variants_votes_and_trains_on_same_reference_pairs(demo: Pa
 
 
 def test_a_failing_training_process_raises_and_leaves_no_version(demo: Path, tmp_path: Path) -> None:
-    pool_dir = tmp_path / "pool"
-    pool_dir.mkdir()
-    for k in range(4):
-        grey(50 * k + 20).save(pool_dir / f"g{k}.png")
+    pool_dir = grey_pool(tmp_path, 4, 50)
 
     @asynccontextmanager
     async def open_engine(spec: ModelSpec):

@@ -263,6 +263,10 @@ async def test_round_work_alone_is_never_taken_for_a_client(
     took them for clients hundreds of times per 30 pairs and voted at 0.5x its speed."""
     worker = engine_for(vllm_server, spec_of(tiny_models, "base"), tmp_path / "worker")
     await worker.start()
+    deadline = asyncio.get_running_loop().time() + 60
+    while await worker._server_adapters():  # the shared server still finishing an earlier test's work
+        assert asyncio.get_running_loop().time() < deadline, "the server never went idle"
+        await asyncio.sleep(0.2)
     image = photo(96, 64, 1)
     vote = GenerationRequest(
         (image, image), EVOQ.compare_text, 4, Sampling(max_new_tokens=60, background=True)

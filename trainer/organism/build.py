@@ -310,3 +310,15 @@ def build_organism(out_dir: str | Path, recipe: Recipe | None = None, log: Log =
     (out / RECIPE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     log(f"organism built in {timings['total_s']:.0f} s: {out}")
     return out
+
+
+def ensure_organism(
+    out_dir: str | Path, recipe: Recipe, log: Log = print, rebuild: bool = False
+) -> dict[str, Any]:
+    """The base in `out_dir`, built unless one from the same recipe is there (benches reuse it);
+    returns its build record (`organism.json`)."""
+    record = Path(out_dir) / RECIPE_FILE
+    built = json.loads(record.read_text())["recipe"] if record.is_file() else None
+    if rebuild or built != asdict(recipe):
+        build_organism(out_dir, recipe, log)
+    return json.loads(record.read_text())
