@@ -113,16 +113,25 @@ def advance(session: Session, round_id: int, state: str, worker: str | None = No
     if _ORDER.index(state) < _ORDER.index(round_.state):
         raise RuntimeError(f"round {round_id} cannot go back from {round_.state} to {state}")
     now = utcnow()
+    values: dict[str, Any] = {"state": state, "heartbeat_at": now, "started_at": round_.started_at or now}
     if state != round_.state:
-        round_.progress = {"stage": state, "done": 0, "total": 0}
-    round_.state = state
-    round_.heartbeat_at = now
-    if round_.started_at is None:
-        round_.started_at = now
+        values["progress"] = {"stage": state, "done": 0, "total": 0}
     if worker:
-        round_.worker = worker
+        values["worker"] = worker
+    # Conditional on what was read: a cancel committed since (a queued round is ended at once) wins.
+    moved = session.execute(
+        update(EvolutionRound)
+        .where(
+            EvolutionRound.id == round_id,
+            EvolutionRound.state == round_.state,
+            EvolutionRound.cancel_requested.is_(False),
+        )
+        .values(**values)
+    ).rowcount
     session.commit()
-    return round_
+    if not moved:
+        raise RoundCancelled(f"round {round_id} was cancelled")
+    return session.get_one(EvolutionRound, round_id, populate_existing=True)
 
 
 def report_progress(session: Session, round_id: int, done: int, total: int) -> bool:
@@ -166,10 +175,17 @@ def request_cancel(session: Session, round_id: int) -> EvolutionRound:
     if round_.state in FINAL_STATES:
         return round_
     if round_.state == "queued":
-        return finish(session, round_id, "cancelled", error="cancelled before it started")
-    round_.cancel_requested = True
+        ended = session.execute(  # only while still queued: a runner may have started it since
+            update(EvolutionRound)
+            .where(EvolutionRound.id == round_id, EvolutionRound.state == "queued")
+            .values(state="cancelled", lock=None, finished_at=utcnow(), error="cancelled before it started")
+        ).rowcount
+        session.commit()
+        if ended:
+            return session.get_one(EvolutionRound, round_id, populate_existing=True)
+    session.execute(update(EvolutionRound).where(EvolutionRound.id == round_id).values(cancel_requested=True))
     session.commit()
-    return round_
+    return session.get_one(EvolutionRound, round_id, populate_existing=True)
 
 
 def reap_stale_rounds(session: Session, stale_after: timedelta) -> list[int]:
