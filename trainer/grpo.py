@@ -39,7 +39,7 @@ from transformers import LogitsProcessorList, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from iqa.engines.constraint import AnswerConstraint, AnswerGrammar
-from iqa.engines.hf_loading import load_processor, resolve_device, resolve_dtype
+from iqa.engines.hf_loading import MODEL_LOAD_KWARGS, load_processor, resolve_device, resolve_dtype
 from iqa.prompts import parse_score, prompt_set
 from iqa.settings import PromptProfile
 from trainer.batching import PairAwareSampler
@@ -186,7 +186,7 @@ def _load_policy(job: TrainJob, dtype: torch.dtype) -> tuple[torch.nn.Module, st
     parent, lora = job.parent, job.settings.lora
     auto = transformers.AutoModelForImageTextToText
     if parent.kind == "lora":
-        base = auto.from_pretrained(parent.adapter_base, dtype=dtype)
+        base = auto.from_pretrained(parent.adapter_base, dtype=dtype, **MODEL_LOAD_KWARGS)
         if lora:  # keep training the lineage's adapter; the reference is the adapter's base
             return (
                 PeftModel.from_pretrained(base, parent.path, is_trainable=True),
@@ -195,7 +195,7 @@ def _load_policy(job: TrainJob, dtype: torch.dtype) -> tuple[torch.nn.Module, st
             )
         model = PeftModel.from_pretrained(base, parent.path).merge_and_unload()
     else:
-        model = auto.from_pretrained(parent.path, dtype=dtype)
+        model = auto.from_pretrained(parent.path, dtype=dtype, **MODEL_LOAD_KWARGS)
     if lora:  # a fresh adapter on a base or a full fine-tune: the reference is that model
         return model, parent.path, False
     # Full fine-tuning: TRL builds the reference from `config._name_or_path`; point it at the root.
@@ -266,6 +266,9 @@ def build_trainer(
         disable_tqdm=True,
         seed=s.seed,
         dataloader_num_workers=0,
+        # TRL loads the full fine-tune's reference model with these (and logs that they are "ignored":
+        # they are, for the policy, which is passed in already loaded).
+        model_init_kwargs=dict(MODEL_LOAD_KWARGS),
     )
     constrain = job.parent.untrained if s.constrain_answers is None else s.constrain_answers
     trainer = EvoQualityGRPOTrainer(

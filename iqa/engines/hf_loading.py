@@ -19,6 +19,11 @@ _PROCESSOR_CLASSES = {
     "qwen3_vl": "Qwen3VLProcessor",
 }
 
+# transformers 5 swaps layers for kernels downloaded from the Hub when it moves a model to a GPU in
+# training mode, unless told not to. On an offline GPU machine that fails the first GRPO step (seen on an
+# H200), and online it runs code fetched at training time. Every model load here passes these.
+MODEL_LOAD_KWARGS: dict[str, Any] = {"use_kernels": False}
+
 
 def resolve_device(device: str) -> torch.device:
     """`auto` picks CUDA when present."""
@@ -91,7 +96,7 @@ def load_model(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> Lo
     if weights_path is None:
         raise ValueError(f"LoRA version {spec.name!r} has no base model")
     model, info = transformers.AutoModelForImageTextToText.from_pretrained(
-        weights_path, dtype=torch_dtype, output_loading_info=True
+        weights_path, dtype=torch_dtype, output_loading_info=True, **MODEL_LOAD_KWARGS
     )
     # transformers fills missing weights randomly and only logs it: a partial checkpoint must fail.
     broken = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys") and v}
