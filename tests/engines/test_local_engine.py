@@ -53,6 +53,8 @@ async def test_each_request_gets_its_n_samples_from_the_active_model(spec_a: Mod
             await engine.generate(score_request(0, 0))
         status = await engine.health()
         assert (status["engine"], status["model"]) == ("local", spec_a.name)
+        # transformers' default would swap in Hub kernels on a GPU (a download, fatal offline)
+        assert engine._loaded.model.use_kernels is False
 
 
 async def test_an_engine_not_started_is_unavailable(spec_a: ModelSpec) -> None:

@@ -148,6 +148,7 @@ def test_constrained_rollouts_all_parse_and_weights_change(demo, lora_run) -> No
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     assert len(rewards) == SETTINGS.steps and all(0 < r <= 1.01 for r in rewards)
     assert reference == demo.root  # a fresh adapter: the KL reference is the base itself
+    assert trainer.model.get_base_model().use_kernels is False  # no Hub kernels at train()
 
 
 def test_lora_targets_only_the_language_model(lora_run) -> None:
@@ -202,6 +203,8 @@ def test_full_fine_tuning_saves_changed_weights_and_uses_the_root_as_reference(
         make_job(parent, images, tmp_path / "v2", settings), str(tmp_path / "s")
     )
     assert reference == demo.root
+    # Neither model swaps in kernels from the Hub when it trains on a GPU (transformers' default).
+    assert trainer.model.use_kernels is False and trainer.ref_model.use_kernels is False
     ref_weights = dict(trainer.ref_model.named_parameters())
     name = next(k for k in ref_weights if k.endswith("lm_head.weight"))
     assert torch.equal(ref_weights[name].detach().cpu(), base["lm_head.weight"])
