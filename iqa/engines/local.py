@@ -47,8 +47,25 @@ ADAPTIVE_WAIT_CAP_S = 0.1
 
 @dataclass
 class _Pending:
-    request: GenerationRequest
+    request: GenerationRequest | ReadingRequest
     future: asyncio.Future
+
+    @property
+    def rows(self) -> int:
+        """What the request adds to a batch: its samples, or one prompt for a reading."""
+        return self.request.n if isinstance(self.request, GenerationRequest) else 1
+
+    @property
+    def background(self) -> bool:
+        request = self.request
+        return request.sampling.background if isinstance(request, GenerationRequest) else request.background
+
+    def group(self) -> tuple[str, ...]:
+        """Requests with the same group run in one call: same sampling, or readings of the same kind."""
+        request = self.request
+        if isinstance(request, GenerationRequest):
+            return ("generate", request.sampling.key())
+        return ("read", request.text, *request.prefixes, "|", *request.candidates, str(len(request.images)))
 
 
 class _Vocabulary:
@@ -151,52 +168,75 @@ class LocalEngine:
             raise ValueError("n must be at least 1")
         if self._batcher is None:
             raise EngineUnavailable("the local engine is not started")
-        future = asyncio.get_running_loop().create_future()
-        queue = self._background if request.sampling.background else self._queue
-        if not request.sampling.background:
-            self._last_client_request = time.monotonic()
-        await queue.put(_Pending(request, future))
-        self._arrived.set()
-        return await future
+        return await self._submit(_Pending(request, asyncio.get_running_loop().create_future()))
 
     async def read(self, request: ReadingRequest) -> ReadingResult:
-        """One forward pass over the prefixes, on the generation thread (between generate batches)."""
+        """Readings queue and batch like generation: concurrent readings of one kind share a forward."""
         if self._batcher is None:
             raise EngineUnavailable("the local engine is not started")
-        if not request.background:
-            self._last_client_request = time.monotonic()
         loaded = self._loaded
         if loaded is None:
             raise EngineUnavailable("the model is still loading")
-        loop = asyncio.get_running_loop()
-        try:
-            logprobs = await loop.run_in_executor(self._generate_thread, self._read, loaded, request)
-        except RuntimeError as error:  # the executor is shut down: the engine is closing
-            raise EngineUnavailable(f"the engine cannot read now: {error}") from error
-        return ReadingResult(logprobs, loaded.spec)
+        self._candidate_ids(loaded, request)  # a bad request fails alone, before it joins a batch
+        return await self._submit(_Pending(request, asyncio.get_running_loop().create_future()))
 
-    def _read(self, loaded: LoadedModel, request: ReadingRequest) -> list[list[float | None]]:
-        """The prompt (with its images) and the prefixes' common part run once; each prefix's own
-        tokens then continue from that KV cache (a score reading: one prefill instead of five)."""
-        processor = loaded.processor
-        tokenizer = processor.tokenizer
+    async def _submit(self, pending: _Pending):
+        queue = self._background if pending.background else self._queue
+        if not pending.background:
+            self._last_client_request = time.monotonic()
+        await queue.put(pending)
+        self._arrived.set()
+        return await pending.future
+
+    @staticmethod
+    def _candidate_ids(loaded: LoadedModel, request: ReadingRequest) -> list[int]:
+        tokenizer = loaded.processor.tokenizer
         candidates = [tokenizer.encode(c, add_special_tokens=False) for c in request.candidates]
         if any(len(ids) != 1 for ids in candidates):
             raise ValueError(f"every candidate must be one token: {request.candidates}")
-        chosen_ids = [ids[0] for ids in candidates]
+        return [ids[0] for ids in candidates]
+
+    def _read_group(self, loaded: LoadedModel, group: list[_Pending]) -> list[ReadingResult]:
+        """Readings of one kind, at most `max_batch_rows` prompt and prefix rows per forward."""
+        first = group[0].request
+        per_call = max(1, self.max_batch_rows // len(first.prefixes))
+        logprobs: list[list[list[float | None]]] = []
+        for start in range(0, len(group), per_call):
+            chunk = [p.request for p in group[start : start + per_call]]
+            BATCH_ROWS.observe(len(chunk) * len(first.prefixes))
+            logprobs.extend(self._read(loaded, chunk))
+        self.batches_run += 1
+        return [ReadingResult(rows, loaded.spec) for rows in logprobs]
+
+    def _read(self, loaded: LoadedModel, requests: list[ReadingRequest]) -> list[list[list[float | None]]]:
+        """Readings of one kind (same text, prefixes and candidates; their own images). Every prompt
+        (with its images) and the prefixes' common part run once, left-padded in one batch; each
+        prefix's own tokens then continue from that KV cache (a score reading: one prefill, not five)."""
+        request = requests[0]
+        processor = loaded.processor
+        tokenizer = processor.tokenizer
+        chosen_ids = self._candidate_ids(loaded, request)
         prompt = processor.apply_chat_template(
             chat_messages(request.text, len(request.images)), add_generation_prompt=True, tokenize=False
         )
-        images = [downscale_for_model(im, self.max_pixels) for im in request.images]
+        images = [[downscale_for_model(im, self.max_pixels) for im in r.images] for r in requests]
         # The prefixes' own tokens, found on the text alone (the images expand inside the prompt only).
         ids = [tokenizer.encode(prompt + prefix, add_special_tokens=False) for prefix in request.prefixes]
         shared = min(len(row) for row in ids)
         while shared and any(row[:shared] != ids[0][:shared] for row in ids):
             shared -= 1
         tails = [torch.tensor(row[shared:]) for row in ids]
-        if len({len(tail) for tail in tails if len(tail)}) > 1:
-            return self._read_rows(loaded, request, prompt, images, chosen_ids)  # tails of mixed lengths
-        first = processor(text=[prompt + request.prefixes[0]], images=images, return_tensors="pt")
+        if len({len(tail) for tail in tails if len(tail)}) > 1:  # tails of mixed lengths
+            return [
+                self._read_rows(loaded, r, prompt, ims, chosen_ids)
+                for r, ims in zip(requests, images, strict=True)
+            ]
+        first = processor(
+            text=[prompt + request.prefixes[0]] * len(requests),
+            images=[im for ims in images for im in ims],
+            return_tensors="pt",
+            padding=True,
+        )
         shared = first["input_ids"].shape[1] - len(tails[0])  # the same place, counted with the images
         per_token = ("input_ids", "attention_mask", "mm_token_type_ids")
         common = {
@@ -205,16 +245,38 @@ class LocalEngine:
         }
         with torch.inference_mode():
             out = loaded.model(**common, use_cache=True)
-            at_common = torch.log_softmax(out.logits[0, -1].float(), -1)[chosen_ids].cpu().tolist()
+            at_common = torch.log_softmax(out.logits[:, -1].float(), -1)[:, chosen_ids].cpu().tolist()
             continuing = [k for k, tail in enumerate(tails) if len(tail)]
-            continued: dict[int, list[float | None]] = {}
+            continued: list[dict[int, list[float | None]]] = [{} for _ in requests]
             if continuing:
-                out.cache.batch_repeat_interleave(len(continuing))
-                suffix = torch.stack([tails[k] for k in continuing]).to(loaded.device)
-                logits = loaded.model(input_ids=suffix, cache=out.cache, use_cache=True).logits[:, -1].float()
+                k = len(continuing)
+                out.cache.batch_repeat_interleave(k)
+                suffix = (
+                    torch.stack([tails[j] for j in continuing]).repeat(len(requests), 1).to(loaded.device)
+                )
+                # Left padding stays masked; positions go on from each prompt's own end: its unpadded
+                # length plus Qwen's mrope offset, which the model keeps from the prefill.
+                mask = common["attention_mask"].repeat_interleave(k, 0)
+                mask = torch.cat([mask, torch.ones_like(suffix)], 1)
+                lengths = common["attention_mask"].sum(1, keepdim=True).repeat_interleave(k, 0)
+                deltas = loaded.model.model.rope_deltas.repeat_interleave(k, 0).to(loaded.device)
+                steps = torch.arange(suffix.shape[1], device=loaded.device)[None, :]
+                positions = (lengths + deltas + steps).unsqueeze(0).expand(3, -1, -1)
+                logits = (
+                    loaded.model(
+                        input_ids=suffix,
+                        attention_mask=mask,
+                        position_ids=positions,
+                        cache=out.cache,
+                        use_cache=True,
+                    )
+                    .logits[:, -1]
+                    .float()
+                )
                 read = torch.log_softmax(logits, -1)[:, chosen_ids].cpu().tolist()
-                continued = dict(zip(continuing, read, strict=True))
-        return [continued.get(k, at_common) for k in range(len(tails))]
+                for row, values in enumerate(read):
+                    continued[row // k][continuing[row % k]] = values
+        return [[continued[r].get(j, at_common[r]) for j in range(len(tails))] for r in range(len(requests))]
 
     def _read_rows(
         self, loaded: LoadedModel, request: ReadingRequest, prompt: str, images: list, chosen_ids: list[int]
@@ -245,12 +307,12 @@ class LocalEngine:
                 batch, rows = [], 0
                 while not self._background.empty() and rows < limit:
                     batch.append(self._background.get_nowait())
-                    rows += batch[-1].request.n
+                    rows += batch[-1].rows
                 return [p for p in batch if not p.future.done()]
             self._arrived.clear()
             await self._arrived.wait()
         batch = [self._queue.get_nowait()]
-        rows = batch[0].request.n
+        rows = batch[0].rows
         # Adaptive window: clients answered by the last batch come back staggered (upload, decode,
         # storage), so while fewer requests than the last batch held are here, wait a little longer
         # (a share of that batch's time, capped) instead of splitting them into small batches.
@@ -269,7 +331,7 @@ class LocalEngine:
             except (TimeoutError, asyncio.QueueEmpty):
                 break
             batch.append(item)
-            rows += item.request.n
+            rows += item.rows
         return [p for p in batch if not p.future.done()]
 
     async def _batch_loop(self) -> None:
@@ -280,15 +342,18 @@ class LocalEngine:
                 continue
             loaded = self._loaded  # the whole batch runs on one model version
             started = time.monotonic()
-            groups = itertools.groupby(
-                sorted(batch, key=lambda p: p.request.sampling.key()), key=lambda p: p.request.sampling
-            )
-            for sampling, members in groups:
+            for _, members in itertools.groupby(sorted(batch, key=_Pending.group), key=_Pending.group):
                 group = list(members)
+                request = group[0].request
                 try:
-                    texts = await loop.run_in_executor(
-                        self._generate_thread, self._generate_group, loaded, sampling, group
-                    )
+                    if isinstance(request, GenerationRequest):
+                        results = await loop.run_in_executor(
+                            self._generate_thread, self._generate_group, loaded, request.sampling, group
+                        )
+                    else:
+                        results = await loop.run_in_executor(
+                            self._generate_thread, self._read_group, loaded, group
+                        )
                 except asyncio.CancelledError:  # closing: nobody will wait for this batch
                     for pending in group:
                         if not pending.future.done():
@@ -300,10 +365,10 @@ class LocalEngine:
                         if not pending.future.done():
                             pending.future.set_exception(EngineUnavailable(f"generation failed: {error}"))
                     continue
-                for pending, out in zip(group, texts, strict=True):
+                for pending, result in zip(group, results, strict=True):
                     if not pending.future.done():
-                        pending.future.set_result(GenerationResult(out, loaded.spec))
-            if not batch[0].request.sampling.background:
+                        pending.future.set_result(result)
+            if not batch[0].background:
                 self._last_batch_requests = len(batch)
                 self._last_batch_seconds = time.monotonic() - started
 
@@ -315,7 +380,7 @@ class LocalEngine:
 
     def _generate_group(
         self, loaded: LoadedModel, sampling: Sampling, group: list[_Pending]
-    ) -> list[list[str]]:
+    ) -> list[GenerationResult]:
         """All completions of a group; runs on the generation thread.
 
         Each request is encoded once and expanded to its n samples inside `generate`
@@ -364,7 +429,7 @@ class LocalEngine:
         if greedy:
             outputs = [texts * pending.request.n for texts, pending in zip(outputs, group, strict=True)]
         self.batches_run += 1
-        return outputs
+        return [GenerationResult(texts, loaded.spec) for texts in outputs]
 
     def _generate_call(
         self,

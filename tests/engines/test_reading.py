@@ -3,9 +3,11 @@ organism's batched reader (an independent implementation of the same reading).""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
+import pytest_asyncio
 
 from iqa.engines.base import ModelSpec, ReadingRequest
 from iqa.engines.hf_loading import load_model
@@ -45,8 +47,9 @@ def test_the_expected_score_and_its_spread_come_from_the_digit_distribution() ->
     assert score_from_logprobs(rows_for({0: 1.0}, {}))[0] is None
 
 
-@pytest.fixture(scope="session")
+@pytest_asyncio.fixture(loop_scope="function")
 async def engine(spec_a: ModelSpec):
+    """An engine per test: its batcher runs on the test's event loop, as the service's does on its own."""
     engine = LocalEngine(spec_a, device="cpu", dtype="float32")
     await engine.start()
     yield engine
@@ -113,6 +116,34 @@ async def test_the_prefixes_share_one_prefill_and_read_what_separate_rows_do(
     shared = (await engine.read(request)).logprobs
     assert len(shared) == 5 and all(len(row) == 10 for row in shared)
     assert shared == [pytest.approx(row, abs=1e-4) for row in separate]
+
+
+async def test_concurrent_readings_share_forward_passes_and_read_what_each_reads_alone(
+    engine: LocalEngine,
+) -> None:
+    """Readings sent together are batched like generation: one batch per kind (score or compare),
+    left-padded where the images give different prompt lengths, each row equal to its reading alone."""
+    score_text, compare_text = prompt_set("evoquality").score_text, prompt_set("evoquality").compare_text
+    prefixes = score_prefixes("evoquality")
+    images = [photo(160, 120, 1), photo(96, 64, 2), photo(224, 224, 3), photo(200, 120, 4)]
+    requests = [ReadingRequest((image,), score_text, prefixes, DIGITS) for image in images]
+    requests += [
+        ReadingRequest((images[0], images[2]), compare_text, prefixes[:1], ("0", "1")),
+        ReadingRequest((images[3], images[1]), compare_text, prefixes[:1], ("0", "1")),
+    ]
+    lengths = {
+        engine._loaded.processor(text=["<|image_pad|>"], images=[image], return_tensors="pt")[
+            "input_ids"
+        ].shape[1]
+        for image in images
+    }
+    assert len(lengths) > 1  # the batch needs padding
+    alone = [(await engine.read(request)).logprobs for request in requests]
+    before = engine.batches_run
+    together = await asyncio.gather(*(engine.read(request) for request in requests))
+    assert engine.batches_run - before == 2  # the score readings in one call, the comparisons in another
+    for got, expected in zip(together, alone, strict=True):
+        assert got.logprobs == [pytest.approx(row, abs=1e-4) for row in expected]
 
 
 async def test_a_candidate_of_several_tokens_is_refused(engine: LocalEngine) -> None:
