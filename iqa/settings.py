@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PromptProfile = Literal["evoquality", "visualquality-r1"]
@@ -108,6 +108,15 @@ class Settings(BaseSettings):
     train_report_to: str = Field(
         "none", description="Trackers TRL reports training metrics to (tensorboard, wandb, ...); none = off."
     )
+    train_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Training processes (torchrun, one per GPU; gloo on CPU): 1 trains in one process.",
+    )
+    train_deepspeed: str | None = Field(
+        None, description="DeepSpeed JSON config for training (e.g. deploy/deepspeed/zero3.json); none: off."
+    )
     checkpoints_dir: Path | None = Field(
         None, description="Where round checkpoints go; default `<data_dir>/checkpoints`."
     )
@@ -174,6 +183,12 @@ class Settings(BaseSettings):
     validation_csv: Path | None = Field(
         None, description="Optional CSV (image path, mos): the gate then also requires SRCC not to drop."
     )
+
+    @field_validator("train_device", "train_deepspeed", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """docker compose passes `${VAR:-}` as an empty string: that means unset."""
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _fill_paths(self) -> Settings:

@@ -42,6 +42,8 @@ class TrainSettings:
     constrain_answers: bool | None = None  # None: on for the untrained demo lineage only
     device: str = "auto"  # the training process's device, e.g. cuda:1 beside a vLLM on cuda:0
     report_to: str = "none"  # trackers TRL reports to: none, tensorboard, wandb, ... (comma-separated)
+    processes: int = 1  # >1: torchrun with this many ranks (one per GPU; gloo on CPU), see trainer.launch
+    deepspeed: str | None = None  # a DeepSpeed JSON config (ZeRO-3 for full fine-tuning), or None
     seed: int = 0
 
     def resolved_learning_rate(self) -> float:
@@ -147,6 +149,8 @@ def round_config(settings: Settings, overrides: RoundOverrides | None = None) ->
         max_completion_length=settings.max_new_tokens,
         device=settings.train_device or settings.device,
         report_to=settings.train_report_to,
+        processes=settings.train_processes,
+        deepspeed=settings.train_deepspeed,
     )
     return RoundConfig(
         pairs=pick("pairs"),

@@ -263,6 +263,7 @@ def build_trainer(
         logging_steps=1,
         save_strategy="no",
         report_to=s.report_to,
+        deepspeed=s.deepspeed,  # e.g. ZeRO-3 for full fine-tuning over several GPUs (trainer.launch)
         disable_tqdm=True,
         seed=s.seed,
         dataloader_num_workers=0,
@@ -331,10 +332,13 @@ def train_grpo(job: TrainJob, on_step: Callable[[int, int], None] | None = None)
         trainer, tracker, reference = build_trainer(job, scratch, on_step)
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
-        _save_weights(trainer.model, job)
+        _save_weights(trainer, job)
     stats = _history_stats(trainer.state.log_history)
     device = resolve_device(job.settings.device)
     stats.update(
+        process_index=trainer.accelerator.process_index,
+        num_processes=trainer.accelerator.num_processes,
+        images_seen=sorted({image for call in tracker.calls for image in call}),
         steps=trainer.state.global_step,
         rollouts=tracker.rollouts,
         parse_failure_rate=tracker.unparsable / tracker.rollouts if tracker.rollouts else None,
@@ -353,14 +357,21 @@ def train_grpo(job: TrainJob, on_step: Callable[[int, int], None] | None = None)
     return stats
 
 
-def _save_weights(model: torch.nn.Module, job: TrainJob) -> None:
+def _save_weights(trainer: EvoQualityGRPOTrainer, job: TrainJob) -> None:
+    """The adapter or the full weights, written once (by the main process when there are several)."""
     out = Path(job.output_dir)
+    model, accelerator = trainer.model, trainer.accelerator
     if job.settings.lora:
         adapter_base = job.parent.adapter_base or job.parent.path
         model.peft_config["default"].base_model_name_or_path = adapter_base
-        model.save_pretrained(str(out), selected_adapters=["default"])
-        return
-    import transformers
+    if trainer.is_deepspeed_enabled:  # ZeRO-3 shards the weights: every rank takes part in gathering them
+        trainer.save_model(str(out))
+    elif accelerator.is_main_process:
+        if job.settings.lora:
+            model.save_pretrained(str(out), selected_adapters=["default"])
+        else:
+            import transformers
 
-    saved_dtype = transformers.AutoConfig.from_pretrained(job.parent.root).dtype or torch.float32
-    model.to(saved_dtype).save_pretrained(str(out))
+            saved_dtype = transformers.AutoConfig.from_pretrained(job.parent.root).dtype or torch.float32
+            model.to(saved_dtype).save_pretrained(str(out))
+    accelerator.wait_for_everyone()

@@ -16,16 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import multiprocessing
-import os
-import queue
 import random
 import resource
 import shutil
 import statistics
 import threading
 import time
-import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, replace
@@ -50,6 +46,7 @@ from trainer.metrics import (
 )
 from trainer.pairs import sample_group_pairs, sample_pairs, split_holdout
 from trainer.pool import Pool, load_pool
+from trainer.process import train
 from trainer.variants import VARIANTS_DIR, add_variants
 from trainer.voting import PairLabel, VotingResult, vote_pairs
 
@@ -82,10 +79,6 @@ class RoundResult:
     model: ModelSource
     manifest: dict[str, Any]
     labels: list[dict[str, Any]]  # the voted pairs by image id, as in `pseudo_labels.json`
-
-
-class TrainingFailed(RuntimeError):
-    """The training process raised (the message holds its traceback) or died."""
 
 
 @asynccontextmanager
@@ -234,95 +227,11 @@ def _json_safe(values: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the trainer is killed when the process that started it dies, so a killed round (or bench)
-    never leaves an orphaned training running for minutes. Elsewhere a no-op."""
-    import ctypes
-    import os
-    import signal
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-
-
-def _child_main(job: TrainJob, messages: Any, parent_pid: int) -> None:
-    """Entry point of the training process: report steps, then the stats or the traceback.
-
-    It runs at the lowest CPU priority, so on a machine that also serves requests (the embedded
-    default) the scoring engine keeps the CPU it needs.
-    """
-    import os
-    import warnings
-
-    _die_with_parent(parent_pid)
-    os.nice(19)
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # TRL's and transformers' renames
-    try:
-        from trainer.grpo import train_grpo
-
-        stats = train_grpo(job, on_step=lambda step, total: messages.put(("step", (step, total))))
-        messages.put(("done", stats))
-    except BaseException:
-        messages.put(("error", traceback.format_exc()))
-        raise
-
-
 def _start_training(
     job: TrainJob, steps: int, report: Progress, stop: threading.Event
 ) -> asyncio.Future[dict[str, Any]]:
     report("training", 0, steps)
-    return asyncio.ensure_future(asyncio.to_thread(train_in_child, job, report, stop))
-
-
-def train_in_child(
-    job: TrainJob, progress: Progress | None = None, stop: threading.Event | None = None
-) -> dict[str, Any]:
-    """Run `trainer.grpo.train_grpo(job)` in a spawned process (fresh CUDA state, memory returned at exit);
-    setting `stop` kills it (TrainingFailed)."""
-    context = multiprocessing.get_context("spawn")
-    messages = context.Queue()
-    # Not a daemon, so the trainer may start processes of its own; it is killed below if we fail.
-    process = context.Process(target=_child_main, args=(job, messages, os.getpid()), name="evoq-grpo")
-    process.start()
-    outcome: tuple[str, Any] | None = None
-    try:
-        while outcome is None:
-            if stop is not None and stop.is_set():
-                raise TrainingFailed("training was stopped: the round failed beside it")
-            try:
-                kind, payload = messages.get(timeout=0.5)
-            except queue.Empty:
-                if not process.is_alive():
-                    break
-                continue
-            if kind == "step":
-                if progress is not None:
-                    progress("training", *payload)
-            else:
-                outcome = (kind, payload)
-        process.join()
-    finally:
-        if process.is_alive():
-            process.kill()
-            process.join()
-    if outcome is None:
-        raise TrainingFailed(f"the training process died (exit code {process.exitcode}) without a result")
-    kind, payload = outcome
-    if kind == "error":
-        raise TrainingFailed(f"training failed in the child process:\n{payload}")
-    return payload
+    return asyncio.ensure_future(asyncio.to_thread(train, job, report, stop))
 
 
 def _degree(n_images: int, n_pairs: int, wanted: int) -> int:

@@ -3,9 +3,13 @@ constrained rollouts, LoRA targets, weights that change, full fine-tuning and th
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +21,7 @@ from trainer.checkpoint import ModelSource, resolve_model
 from trainer.config import TrainJob, TrainSettings
 from trainer.grpo import build_trainer, train_grpo
 from trainer.pairs import sample_pairs
+from trainer.process import TrainingFailed, train_distributed
 
 # Tiny but real: 8 images, 10 pairs, 4 images (2+ pairs) per step, 2 rollouts each.
 SETTINGS = TrainSettings(
@@ -211,3 +216,35 @@ def test_full_fine_tuning_saves_changed_weights_and_uses_the_root_as_reference(
     assert not torch.equal(
         dict(trainer.model.named_parameters())[name].detach().cpu(), base["lm_head.weight"]
     )
+
+
+def test_two_training_processes_keep_whole_pairs_on_each_rank(demo, images, tmp_path) -> None:
+    """A torchrun job of two CPU ranks (gloo), as `EVOQ_TRAIN_PROCESSES=2` runs it: TRL computes rewards
+    per rank, and every rank's reward calls hold whole pairs only; the ranks train on different images;
+    the main rank reports steps; one adapter is saved."""
+    settings = replace(SETTINGS, steps=2, processes=2)
+    job = make_job(demo, images, tmp_path / "out", settings)
+    reported: list[tuple[str, int, int]] = []
+    stats = train_distributed(job, progress=lambda *step: reported.append(step))
+    ranks = stats["ranks"]
+    assert [share["process_index"] for share in ranks] == [0, 1] and stats["num_processes"] == 2
+    for share in ranks:
+        assert share["rollouts"] == settings.steps * settings.images_per_step * settings.generations
+        assert share["lone_images"] == 0  # no image reached the reward without its partner
+    assert set(ranks[0]["images_seen"]) != set(ranks[1]["images_seen"])  # each rank its own share
+    assert reported and reported[-1] == ("training", 2, 2)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_a_stopped_torchrun_job_is_killed_with_every_rank(demo, images, tmp_path) -> None:
+    """A round that fails beside its training (the parent's evaluation) kills the whole job."""
+    settings = replace(SETTINGS, steps=50, processes=2)
+    stop = threading.Event()
+    with pytest.raises(TrainingFailed, match="stopped"):
+        train_distributed(make_job(demo, images, tmp_path, settings), lambda *_: stop.set(), stop)
+    time.sleep(1)
+    left = [
+        p for p in psutil.process_iter(["cmdline"]) if "trainer.process" in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not left
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -24,7 +24,8 @@ from tests.imagegen import photo
 from trainer import checkpoint
 from trainer.checkpoint import resolve_model
 from trainer.config import RoundConfig, TrainSettings
-from trainer.round import TrainingFailed, gate_metrics, run_round
+from trainer.process import TrainingFailed
+from trainer.round import gate_metrics, run_round
 from trainer.voting import make_label
 
 
