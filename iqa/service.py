@@ -32,7 +32,7 @@ from iqa.models import ModelVersion
 from iqa.reading import read_compare, read_score
 from iqa.scoring import CompareResult, ScoreResult, compare_images, score_image
 from iqa.settings import Settings
-from iqa.store import ImageStore
+from iqa.store import service_store
 
 if TYPE_CHECKING:
     from iqa.engines.vllm import StagedModel
@@ -138,7 +138,7 @@ class IQAService:
         self.engine = engine
         self.db = db_engine or make_engine(settings.database_url or "")
         self.sessions: sessionmaker[Session] = make_sessionmaker(self.db)
-        self.store = ImageStore(Path(settings.image_store or settings.data_dir / "images"))
+        self.store = service_store(settings)
         self._failed_activations: dict[int, float] = {}  # version id -> when loading it last failed
         self._activation_lock = asyncio.Lock()
         self.round_stale_after = timedelta(seconds=settings.round_stale_after_s)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,7 +23,16 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file `<data_dir>/evoq.db`."
     )
-    image_store: Path | None = Field(None, description="Image folder; default `<data_dir>/images`.")
+    image_store: str | None = Field(
+        None,
+        description="Image folder, or an fsspec URL shared by every host (e.g. s3://bucket/images); "
+        "default `<data_dir>/images`.",
+    )
+    image_store_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description='fsspec options of a URL store as JSON, e.g. {"endpoint_url": "http://minio:9000"}; '
+        "credentials come from the file system's own environment (AWS_ACCESS_KEY_ID, ...).",
+    )
     model: str | None = Field(
         None,
         description="Checkpoint path or hub id (e.g. ByteDance/EvoQuality); unset = tiny demo model.",
@@ -184,10 +194,12 @@ class Settings(BaseSettings):
         None, description="Optional CSV (image path, mos): the gate then also requires SRCC not to drop."
     )
 
-    @field_validator("train_device", "train_deepspeed", mode="before")
+    @field_validator("train_device", "train_deepspeed", "image_store", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
-        """docker compose passes `${VAR:-}` as an empty string: that means unset."""
+        """docker compose passes `${VAR:-}` as an empty string: that means unset. A folder may be a Path."""
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
         return None if value == "" else value
 
     @model_validator(mode="after")
@@ -195,7 +207,7 @@ class Settings(BaseSettings):
         if self.database_url is None:
             self.database_url = f"sqlite:///{(self.data_dir / 'evoq.db').resolve()}"
         if self.image_store is None:
-            self.image_store = self.data_dir / "images"
+            self.image_store = str(self.data_dir / "images")
         if self.checkpoints_dir is None:
             self.checkpoints_dir = self.data_dir / "checkpoints"
         return self

@@ -267,9 +267,9 @@ def build_trainer(
         disable_tqdm=True,
         seed=s.seed,
         dataloader_num_workers=0,
-        # TRL loads the full fine-tune's reference model with these (and logs that they are "ignored":
-        # they are, for the policy, which is passed in already loaded).
-        model_init_kwargs=dict(MODEL_LOAD_KWARGS),
+        # TRL loads a full fine-tune's reference model with these (and logs that they are "ignored":
+        # they are, for the policy, which is passed in already loaded). A LoRA has no separate reference.
+        model_init_kwargs=None if s.lora else dict(MODEL_LOAD_KWARGS),
     )
     constrain = job.parent.untrained if s.constrain_answers is None else s.constrain_answers
     trainer = EvoQualityGRPOTrainer(

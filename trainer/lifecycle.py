@@ -45,7 +45,7 @@ from iqa.engines import build_engine
 from iqa.engines.base import Engine, ModelSpec
 from iqa.models import ROUND_ACTIVE_STATES, EvolutionRound, Image, ModelVersion, PseudoLabel, utcnow
 from iqa.settings import Settings
-from iqa.store import ImageStore
+from iqa.store import ImageStore, service_store
 from trainer.config import RoundOverrides, pool_limit, round_config
 from trainer.gate import GateThresholds, GateVerdict, gate_inputs, judge
 from trainer.pool import load_pool
@@ -480,13 +480,12 @@ class _Tracker:
 class _Start:
     overrides: RoundOverrides
     parent: ModelSpec
-    paths: list[Path]
+    hashes: list[str]  # the pool's images, newest first
     image_ids: dict[str, int]  # pool image id (relative path) -> images.id
 
 
 def _begin(settings: Settings, sessions: sessionmaker[Session], round_id: int) -> _Start:
     """Read what the round needs and mark it voting (raises RoundCancelled if it was cancelled)."""
-    store = ImageStore(Path(settings.image_store or ""))
     with sessions() as session:
         row = session.get_one(EvolutionRound, round_id)
         overrides = RoundOverrides.model_validate(row.settings or {})
@@ -503,9 +502,8 @@ def _begin(settings: Settings, sessions: sessionmaker[Session], round_id: int) -
         )
         advance(session, round_id, "voting", worker=worker_name())
         parent = registry.to_spec(parent_row)
-    paths = [store.path_for(image.sha256) for image in images]
-    ids = {f"{image.sha256[:2]}/{image.sha256[2:4]}/{image.sha256}": image.id for image in images}
-    return _Start(overrides, parent, paths, ids)
+    ids = {ImageStore.key_for(image.sha256): image.id for image in images}
+    return _Start(overrides, parent, [image.sha256 for image in images], ids)
 
 
 @dataclass
@@ -556,23 +554,22 @@ async def execute_round(
 
 
 @contextmanager
-def _pool_snapshot(paths: list[Path], root: Path, snapshot: Path) -> Iterator[list[Path]]:
-    """Hard links to the pool's files (a copy across file systems) for the round's lifetime, so deleting
-    an image (on request or by retention) never pulls a file from under the voting or the training."""
+def _pool_snapshot(store: ImageStore, hashes: list[str], snapshot: Path) -> Iterator[list[Path]]:
+    """The pool's files for the round's lifetime: hard links into a local store (a copy across file
+    systems), downloads from a remote one. Deleting an image (on request or by retention) then never
+    pulls a file from under the voting or the training, and every worker host reads from one store."""
     snapshot.mkdir(parents=True, exist_ok=True)
-    linked: list[Path] = []
+    copied: list[Path] = []
     try:
-        for path in paths:
-            target = snapshot / path.relative_to(root)
+        for sha256 in hashes:
+            target = snapshot / store.key_for(sha256)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                os.link(path, target)
+                store.copy_to(sha256, target)
             except FileNotFoundError:  # deleted before the round started
                 continue
-            except OSError:
-                shutil.copyfile(path, target)
-            linked.append(target)
-        yield linked
+            copied.append(target)
+        yield copied
     finally:
         shutil.rmtree(snapshot, ignore_errors=True)
 
@@ -612,9 +609,9 @@ async def _execute(
     started = time.perf_counter()
     start = await asyncio.to_thread(_begin, settings, sessions, round_id)
     config = round_config(settings, start.overrides)
-    store_root = Path(settings.image_store or "")
+    store = service_store(settings)
     snapshot = Path(settings.checkpoints_dir or "") / f".pool-of-round-{round_id}"
-    with _Tracker(sessions, round_id) as tracker, _pool_snapshot(start.paths, store_root, snapshot) as paths:
+    with _Tracker(sessions, round_id) as tracker, _pool_snapshot(store, start.hashes, snapshot) as paths:
         pool = await asyncio.to_thread(load_pool, snapshot, config.max_pixels, paths)
         result = await run_round(
             start.parent.path,

@@ -7,14 +7,13 @@ import asyncio
 import logging
 from datetime import timedelta
 from functools import cache
-from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from iqa.db import make_engine, make_sessionmaker
 from iqa.retention import purge_expired
 from iqa.settings import get_settings
-from iqa.store import ImageStore
+from iqa.store import service_store
 from trainer.lifecycle import WorkerEngines, execute_round, start_scheduled_round
 from worker.celery_app import EVOLVE_TASK, celery_app
 
@@ -42,7 +41,9 @@ def retention_tick() -> int:
         return 0
     with _sessions()() as session:
         removed = purge_expired(
-            session, ImageStore(Path(settings.image_store or "")), timedelta(days=settings.retention_days)
+            session,
+            service_store(settings),
+            timedelta(days=settings.retention_days),
         )
     if removed:
         log.info("retention: %d images deleted", len(removed))
