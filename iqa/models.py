@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
     false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -236,6 +237,35 @@ class EvolutionRound(Base):
 
     parent_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[parent_version_id])
     result_version: Mapped[ModelVersion | None] = relationship(foreign_keys=[result_version_id])
+
+
+SHARD_STATES = ("queued", "running", "done", "cancelled")
+
+
+class VoteShard(Base):
+    """A share of a round's stage 1, voted by a worker on the `voting` queue (`trainer.shards`).
+
+    `attempt` grows each time the shard is (re)claimed; a worker writes its votes only while its attempt
+    is the current one, so a shard sent again after a lost heartbeat is counted once.
+    """
+
+    __tablename__ = "vote_shards"
+    __table_args__ = (
+        UniqueConstraint("round_id", "shard"),
+        CheckConstraint(f"state IN {SHARD_STATES!r}", name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("evolution_rounds.id", ondelete="CASCADE"))
+    shard: Mapped[int]
+    pairs: Mapped[list[Any]] = mapped_column(JSON)  # [[store key a, store key b], ...]
+    request: Mapped[dict[str, Any]]  # the parent model and how to vote (`trainer.shards.ShardRequest`)
+    state: Mapped[str] = mapped_column(String(16), default="queued", server_default="queued")
+    attempt: Mapped[int] = mapped_column(default=0, server_default="0")
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None]
+    done_pairs: Mapped[int] = mapped_column(default=0, server_default="0")
+    votes: Mapped[list[Any] | None] = mapped_column(JSON)  # [[votes_a, votes_b, invalid], ...] once done
 
 
 class PseudoLabel(Base):

@@ -110,7 +110,21 @@ class Settings(BaseSettings):
     round_vllm_url: str | None = Field(
         None,
         description="With the vllm engine: a vLLM server for round work (votes, held-out scores); "
-        "default: the serving one, at background priority.",
+        "default: the serving one, at background priority. Several, comma-separated, spread voting "
+        "shards over them (the first also scores the round's models).",
+    )
+    voting_shards: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="Split a Celery round's votes into this many shards on the `voting` queue; 0: the "
+        "round's own worker votes.",
+    )
+    voting_shard_timeout_s: float = Field(
+        120.0, gt=0, description="A voting shard whose worker sent no heartbeat for this long is sent again."
+    )
+    voting_shard_attempts: int = Field(
+        3, ge=1, description="Times a voting shard may be started before the round fails."
     )
     train_device: str | None = Field(
         None, description="Torch device of the training process (e.g. cuda:1); default: `device`."
@@ -211,6 +225,11 @@ class Settings(BaseSettings):
         if self.checkpoints_dir is None:
             self.checkpoints_dir = self.data_dir / "checkpoints"
         return self
+
+    @property
+    def round_vllm_urls(self) -> list[str]:
+        """The round vLLM servers of `round_vllm_url`, in order (none: the serving one)."""
+        return [url.strip() for url in (self.round_vllm_url or "").split(",") if url.strip()]
 
     @property
     def demo_model_dir(self) -> Path:

@@ -26,7 +26,7 @@ from iqa.db import (
 )
 from iqa.models import Base, Comparison, Image, ModelVersion, Prediction
 
-HEAD = "0004"  # the newest migration; bump with each new one
+HEAD = "0005"  # the newest migration; bump with each new one
 
 # Column name -> nullable, per table: the schema the application relies on.
 EXPECTED_COLUMNS = {
@@ -49,6 +49,19 @@ EXPECTED_COLUMNS = {
         "started_at": True,
         "heartbeat_at": True,
         "finished_at": True,
+    },
+    "vote_shards": {
+        "id": False,
+        "round_id": False,
+        "shard": False,
+        "pairs": False,
+        "request": False,
+        "state": False,
+        "attempt": False,
+        "worker": True,
+        "heartbeat_at": True,
+        "done_pairs": False,
+        "votes": True,
     },
     "pseudo_labels": {
         "id": False,

@@ -29,7 +29,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -50,6 +50,7 @@ from trainer.config import RoundOverrides, pool_limit, round_config
 from trainer.gate import GateThresholds, GateVerdict, gate_inputs, judge
 from trainer.pool import load_pool
 from trainer.round import RoundResult, local_engine, run_round
+from trainer.shards import ShardedVoter
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +296,7 @@ class WorkerEngines:
         self._candidate: Engine | None = None
 
     def _vllm(self, spec: ModelSpec) -> Engine:
-        return build_engine(self.settings, spec, vllm_url=self.settings.round_vllm_url)
+        return build_engine(self.settings, spec, vllm_url=(self.settings.round_vllm_urls or [None])[0])
 
     @asynccontextmanager
     async def _local(self, spec: ModelSpec, device: str) -> AsyncIterator[Engine]:
@@ -528,9 +529,16 @@ class _ForRound:
 
 
 async def execute_round(
-    round_id: int, settings: Settings, sessions: sessionmaker[Session], engines: RoundEngines
+    round_id: int,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    engines: RoundEngines,
+    send_shard: Callable[[int, int], None] | None = None,
 ) -> str:
     """Run a queued round to a final state and return it; every failure ends the round as `failed`.
+
+    With `send_shard(round_id, shard)` (a Celery worker's) and `EVOQ_VOTING_SHARDS` > 0, the votes are
+    split into shards for the `voting` queue (`trainer.shards`).
 
     Only a database that stops answering can leave a round unfinished; it is then failed by
     `reap_stale_rounds` once its heartbeat is stale.
@@ -541,7 +549,7 @@ async def execute_round(
             finish(session, round_id, state, error=error)
 
     try:
-        return await _execute(round_id, settings, sessions, engines)
+        return await _execute(round_id, settings, sessions, engines, send_shard)
     except RoundCancelled as error:
         await asyncio.to_thread(end, "cancelled", str(error))
         return "cancelled"
@@ -604,7 +612,11 @@ def _store_labels(
 
 
 async def _execute(
-    round_id: int, settings: Settings, sessions: sessionmaker[Session], engines: RoundEngines
+    round_id: int,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    engines: RoundEngines,
+    send_shard: Callable[[int, int], None] | None,
 ) -> str:
     started = time.perf_counter()
     start = await asyncio.to_thread(_begin, settings, sessions, round_id)
@@ -620,6 +632,9 @@ async def _execute(
             config,
             engines=_ForRound(engines, start.parent, round_id),
             progress=tracker,
+            voter=ShardedVoter(settings, sessions, round_id, start.parent, send_shard)
+            if send_shard is not None and settings.voting_shards
+            else None,
         )
         verdict = await _judge(settings, start.parent, result)
         if tracker.cancelled.is_set():

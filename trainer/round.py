@@ -48,7 +48,7 @@ from trainer.pairs import sample_group_pairs, sample_pairs, split_holdout
 from trainer.pool import Pool, load_pool
 from trainer.process import train
 from trainer.variants import VARIANTS_DIR, add_variants
-from trainer.voting import PairLabel, VotingResult, vote_pairs
+from trainer.voting import PairLabel, Voter, VotingResult, vote_pairs
 
 Progress = Callable[[str, int, int], None]
 T = TypeVar("T")
@@ -272,10 +272,12 @@ async def run_round(
     *,
     engines: RoundEngines | None = None,
     progress: Progress | None = None,
+    voter: Voter | None = None,
 ) -> RoundResult:
     """Run one round with `model` voting on `pool`; publish `<out_dir>/vNNN` and return it.
 
-    `engines` say where the votes and scores go (default: `LocalEngines` on the config's device).
+    `engines` say where the votes and scores go (default: `LocalEngines` on the config's device);
+    `voter`, where stage 1 runs instead of the parent's engine (voting shards, `trainer.shards`).
     """
     report = progress or (lambda stage, done, total: None)
     parent = checkpoint.resolve_model(model)
@@ -316,7 +318,7 @@ async def run_round(
 
         mark = time.perf_counter()
         async with engines.parent(parent.spec()) as engine:
-            voting = await vote_pairs(
+            voting = await (voter or vote_pairs)(
                 engine,
                 pool.images,
                 pairs,
@@ -327,6 +329,7 @@ async def run_round(
                 lambda done, total: report("voting", done, total),
                 rule=config.label_rule,
                 min_margin=config.min_margin,
+                image_ids=pool.ids,
             )
             timings["voting_s"] = time.perf_counter() - mark
             train_part, holdout_part = split_holdout(range(len(voting.labels)), config.holdout, config.seed)

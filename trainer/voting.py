@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from PIL import Image
 
@@ -72,6 +72,27 @@ def make_label(
     return PairLabel(i, j, votes_i, votes_j, invalid, p_star)
 
 
+class Voter(Protocol):
+    """Where a round's stage 1 runs: `vote_pairs` on the round's own engine, or elsewhere with the same
+    arguments and result (`trainer.shards.ShardedVoter`); `image_ids` are the pool's ids of `images`."""
+
+    async def __call__(
+        self,
+        engine: Engine,
+        images: Sequence[Image.Image],
+        pairs: Sequence[tuple[int, int]],
+        votes_per_pair: int,
+        sampling: Sampling,
+        profile: PromptProfile,
+        concurrency: int = 16,
+        progress: Callable[[int, int], None] | None = None,
+        *,
+        rule: LabelRule = "hard",
+        min_margin: float = 0.0,
+        image_ids: Sequence[str] | None = None,
+    ) -> VotingResult: ...
+
+
 @dataclass(frozen=True)
 class VotingResult:
     """Every voted pair (in the order given) and the totals a round reports."""
@@ -125,6 +146,7 @@ async def vote_pairs(
     *,
     rule: LabelRule = "hard",
     min_margin: float = 0.0,
+    image_ids: Sequence[str] | None = None,
 ) -> VotingResult:
     """K votes for every pair, at most `concurrency` pairs in flight (each is up to two engine requests).
 

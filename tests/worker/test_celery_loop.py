@@ -63,11 +63,16 @@ class Worker:
     """`celery worker` (+ embedded beat) as a real process group, killable like a crashed machine."""
 
     def __init__(
-        self, settings: dict[str, object], log: Path, beat: bool, extra_env: dict[str, str] | None = None
+        self,
+        settings: dict[str, object],
+        log: Path,
+        beat: bool,
+        extra_env: dict[str, str] | None = None,
+        queues: str = "training,maintenance",
     ) -> None:
         command = [
             sys.executable, "-m", "celery", "-A", "worker.celery_app:celery_app", "worker",
-            "-Q", "training,maintenance", "--pool", "solo", "--prefetch-multiplier", "1",
+            "-Q", queues, "--pool", "solo", "--prefetch-multiplier", "1", "-n", f"{log.stem}@%h",
             "--without-gossip", "--without-mingle", "--loglevel", "INFO",
         ]  # fmt: skip
         if beat:

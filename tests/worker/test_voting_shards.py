@@ -1,0 +1,190 @@
+"""A round's votes fanned out over two real Celery voting workers (PostgreSQL, Redis, the demo model).
+
+The round itself runs here (`execute_round`, as the training worker runs it) and sends its shards to
+the `voting` queue; the workers are real `celery worker -Q voting` processes, one of them killed
+mid-shard in the fault test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from iqa import registry
+from iqa.db import make_engine, make_sessionmaker, upgrade_database
+from iqa.models import EvolutionRound, PseudoLabel, VoteShard
+from iqa.settings import Settings
+from iqa.store import ImageStore
+from tests.worker.conftest import log_photos
+from tests.worker.test_celery_loop import Worker, broker_url, database_url  # noqa: F401
+from tests.worker.test_inprocess_rounds import TINY_ROUND
+from trainer.config import RoundOverrides
+from trainer.lifecycle import WorkerEngines, create_round, execute_round, request_cancel
+from trainer.shards import split
+from worker.celery_app import VOTE_SHARD_TASK, make_celery
+
+pytestmark = pytest.mark.postgres
+
+PAIRS = 24
+
+
+def test_split_gives_balanced_contiguous_shards() -> None:
+    assert split(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
+    assert split(2, 5) == [range(0, 1), range(1, 2)]  # never an empty shard
+    assert [len(r) for r in split(PAIRS, 4)] == [6, 6, 6, 6]
+
+
+@pytest.fixture
+def fanout(demo_model_dir: Path, tmp_path: Path, broker_url: str, database_url: str):  # noqa: F811
+    """(settings, sessions, start a voting worker, run a round here that sends its shards to them)."""
+    values = {
+        "database_url": database_url,
+        "broker_url": broker_url,
+        "data_dir": tmp_path,
+        "image_store": tmp_path / "images",
+        "checkpoints_dir": tmp_path / "checkpoints",
+        "model": str(demo_model_dir),
+        "device": "cpu",
+        **TINY_ROUND,
+        "round_pairs": PAIRS,
+        "round_votes": 4,
+        "voting_shards": 4,
+        "voting_shard_timeout_s": 6,
+    }
+    upgrade_database(database_url)
+    settings = Settings(_env_file=None, **values)
+    sessions = make_sessionmaker(make_engine(database_url))
+    log_photos(sessions, ImageStore(tmp_path / "images"), 10)
+    with sessions() as session:
+        base = registry.ensure_base_version(session, "demo (untrained)", str(demo_model_dir), True)
+        round_id = create_round(session, "manual", RoundOverrides(seed=0), base.id).id
+    celery = make_celery(settings)
+    workers: list[Worker] = []
+
+    def start_worker() -> Worker:
+        worker = Worker(values, tmp_path / f"voter{len(workers)}.log", beat=False, queues="voting")
+        workers.append(worker)
+        return worker
+
+    def run_round() -> str:
+        def send(round_id: int, shard: int) -> None:
+            celery.send_task(VOTE_SHARD_TASK, args=[round_id, shard])
+
+        engines = WorkerEngines(settings, sessions)
+        return asyncio.run(execute_round(round_id, settings, sessions, engines, send))
+
+    yield settings, sessions, round_id, start_worker, run_round
+    for worker in workers:
+        worker.kill()
+
+
+def shards(sessions, round_id: int) -> list[VoteShard]:
+    with sessions() as session:
+        rows = list(session.scalars(select(VoteShard).where(VoteShard.round_id == round_id)))
+        session.expunge_all()
+        return sorted(rows, key=lambda r: r.shard)
+
+
+def check_labels(sessions, round_id: int) -> None:
+    """Every voted pair landed once, as a pseudo-label of the round."""
+    with sessions() as session:
+        row = session.get_one(EvolutionRound, round_id)
+        assert row.state in ("succeeded", "rejected"), row.error
+        labels = list(session.scalars(select(PseudoLabel).where(PseudoLabel.round_id == round_id)))
+        assert len(labels) == PAIRS
+        assert len({frozenset((label.image_a_id, label.image_b_id)) for label in labels}) == PAIRS
+        votes = session.scalar(
+            select(func.sum(PseudoLabel.votes_a + PseudoLabel.votes_b + PseudoLabel.invalid_votes))
+        )
+        assert votes == PAIRS * 4
+
+
+def test_a_round_fans_its_votes_out_over_two_voting_workers(fanout) -> None:
+    _, sessions, round_id, start_worker, run_round = fanout
+    voters = [start_worker(), start_worker()]
+    for voter in voters:
+        voter.wait_ready()
+
+    assert run_round() in ("succeeded", "rejected")
+
+    rows = shards(sessions, round_id)
+    assert [(r.state, r.attempt, len(r.votes or [])) for r in rows] == [("done", 1, 6)] * 4
+    took = {int(r.worker.rsplit(":", 1)[1]) for r in rows}
+    assert took == {voter.process.pid for voter in voters}  # both workers voted
+    check_labels(sessions, round_id)
+
+
+def test_a_voting_worker_killed_mid_shard_has_its_shard_voted_again(fanout) -> None:
+    _, sessions, round_id, start_worker, run_round = fanout
+    victim, survivor = start_worker(), start_worker()
+    victim.wait_ready()
+    survivor.wait_ready()
+    killed: list[int] = []
+
+    def kill_when_voting() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            for row in shards(sessions, round_id):
+                if row.state == "running" and row.worker and row.worker.endswith(f":{victim.process.pid}"):
+                    victim.kill()
+                    killed.append(row.shard)
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_when_voting)
+    killer.start()
+    state = run_round()
+    killer.join()
+
+    assert killed, "the victim never took a shard"
+    assert state in ("succeeded", "rejected")
+    rows = shards(sessions, round_id)
+    lost = rows[killed[0]]
+    assert lost.state == "done" and lost.attempt == 2 and lost.worker.endswith(f":{survivor.process.pid}")
+    assert all(r.state == "done" and len(r.votes or []) == 6 for r in rows)
+    check_labels(sessions, round_id)
+
+
+def test_cancelling_the_round_stops_its_shards(fanout) -> None:
+    _, sessions, round_id, start_worker, run_round = fanout
+    voter = start_worker()
+    voter.wait_ready()
+
+    def cancel_when_voting() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if any(row.state == "running" for row in shards(sessions, round_id)):
+                with sessions() as session:
+                    request_cancel(session, round_id)
+                return
+            time.sleep(0.05)
+
+    canceller = threading.Thread(target=cancel_when_voting)
+    canceller.start()
+    assert run_round() == "cancelled"
+    canceller.join()
+    deadline = time.monotonic() + 60  # a heartbeat later the worker has seen it
+    while "'superseded'" not in voter.log.read_text():  # it stopped voting instead of finishing
+        assert time.monotonic() < deadline, voter.log.read_text()[-2000:]
+        time.sleep(0.2)
+    rows = shards(sessions, round_id)
+    assert rows and all(row.state == "cancelled" for row in rows)  # no shard's votes landed
+    with sessions() as session:
+        assert session.scalar(select(func.count()).where(PseudoLabel.round_id == round_id)) == 0
+
+
+def test_a_round_with_no_voting_worker_fails_cleanly(fanout) -> None:
+    settings, sessions, round_id, _, run_round = fanout
+    started = time.monotonic()
+    assert run_round() == "failed"  # no shard moved for attempts x timeout
+    with sessions() as session:
+        row = session.get_one(EvolutionRound, round_id)
+        assert "voting shard" in (row.error or "") and row.result_version_id is None
+    assert all(r.state == "cancelled" for r in shards(sessions, round_id))
+    stall = settings.voting_shard_attempts * settings.voting_shard_timeout_s
+    assert stall <= time.monotonic() - started < stall + 40
