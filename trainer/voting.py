@@ -153,7 +153,7 @@ async def vote_pairs(
     With an even K each image is shown first equally often; with an odd K the extra vote shows
     `images[i]` first (`sample_pairs` orients pairs at random, so that favours no image).
     `progress(done, total)` is called after each pair. An engine error cancels the pairs still
-    running and propagates.
+    running and propagates. `image_ids` is unused here (the `Voter` signature: shards need them).
     """
     if votes_per_pair < 1 or concurrency < 1:
         raise ValueError("votes_per_pair and concurrency must be at least 1")
