@@ -17,6 +17,7 @@ beside the shards.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -33,6 +34,8 @@ from iqa.settings import PromptProfile, Settings
 from iqa.store import ImageStore, service_store
 from trainer.pool import MAX_FILE_BYTES, MAX_PIXELS, MIN_SIDE
 from trainer.voting import LabelRule, VotingResult, make_label, vote_pairs
+
+log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often the coordinator reads the shards
 HEARTBEAT_S = 2.0  # how often a voting worker writes its progress and heartbeat
@@ -190,7 +193,7 @@ class ShardedVoter:
                 if row.attempt >= attempts:
                     raise ShardLost(f"voting shard {row.shard} was lost {row.attempt} times ({row.worker})")
                 if await asyncio.to_thread(self._requeue, row.shard, row.attempt):
-                    self.send(self.round_id, row.shard)
+                    self._send_again(row.shard)
             if clock - moved > attempts * timeout:
                 raise ShardLost(
                     f"no voting shard moved in {attempts * timeout:.0f} s: is a voting worker up?"
@@ -198,9 +201,16 @@ class ShardedVoter:
             if clock - max(moved, resent) > timeout:
                 for row in rows:
                     if row.state == "queued":
-                        self.send(self.round_id, row.shard)
+                        self._send_again(row.shard)
                 resent = clock
             await asyncio.sleep(POLL_S)
+
+    def _send_again(self, shard: int) -> None:
+        """Send a shard's task again; a broker that is down now is tried again at the next timeout."""
+        try:
+            self.send(self.round_id, shard)
+        except Exception as error:  # kombu's OperationalError and the like: the broker is away
+            log.warning("voting shard %s of round %s not sent again: %s", shard, self.round_id, error)
 
     def _rows(self) -> list[VoteShard]:
         with self.sessions() as session:

@@ -8,11 +8,14 @@ mid-shard in the fault test.
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import func, select
 
 from iqa import registry
@@ -40,47 +43,57 @@ def test_split_gives_balanced_contiguous_shards() -> None:
 
 
 @pytest.fixture
-def fanout(demo_model_dir: Path, tmp_path: Path, broker_url: str, database_url: str):  # noqa: F811
-    """(settings, sessions, start a voting worker, run a round here that sends its shards to them)."""
-    values = {
-        "database_url": database_url,
-        "broker_url": broker_url,
-        "data_dir": tmp_path,
-        "image_store": tmp_path / "images",
-        "checkpoints_dir": tmp_path / "checkpoints",
-        "model": str(demo_model_dir),
-        "device": "cpu",
-        **TINY_ROUND,
-        "round_pairs": PAIRS,
-        "round_votes": 4,
-        "voting_shards": 4,
-        "voting_shard_timeout_s": 6,
-    }
-    upgrade_database(database_url)
-    settings = Settings(_env_file=None, **values)
-    sessions = make_sessionmaker(make_engine(database_url))
-    log_photos(sessions, ImageStore(tmp_path / "images"), 10)
-    with sessions() as session:
-        base = registry.ensure_base_version(session, "demo (untrained)", str(demo_model_dir), True)
-        round_id = create_round(session, "manual", RoundOverrides(seed=0), base.id).id
-    celery = make_celery(settings)
+def make_fanout(demo_model_dir: Path, tmp_path: Path, database_url: str):  # noqa: F811
+    """Factory: for a broker URL, (settings, sessions, round id, start a voting worker, run the round
+    here, sending its shards to the `voting` queue)."""
     workers: list[Worker] = []
 
-    def start_worker() -> Worker:
-        worker = Worker(values, tmp_path / f"voter{len(workers)}.log", beat=False, queues="voting")
-        workers.append(worker)
-        return worker
+    def make(broker: str):
+        values = {
+            "database_url": database_url,
+            "broker_url": broker,
+            "data_dir": tmp_path,
+            "image_store": tmp_path / "images",
+            "checkpoints_dir": tmp_path / "checkpoints",
+            "model": str(demo_model_dir),
+            "device": "cpu",
+            **TINY_ROUND,
+            "round_pairs": PAIRS,
+            "round_votes": 4,
+            "voting_shards": 4,
+            "voting_shard_timeout_s": 6,
+        }
+        upgrade_database(database_url)
+        settings = Settings(_env_file=None, **values)
+        sessions = make_sessionmaker(make_engine(database_url))
+        log_photos(sessions, ImageStore(tmp_path / "images"), 10)
+        with sessions() as session:
+            base = registry.ensure_base_version(session, "demo (untrained)", str(demo_model_dir), True)
+            round_id = create_round(session, "manual", RoundOverrides(seed=0), base.id).id
+        celery = make_celery(settings)
 
-    def run_round() -> str:
-        def send(round_id: int, shard: int) -> None:
-            celery.send_task(VOTE_SHARD_TASK, args=[round_id, shard])
+        def start_worker() -> Worker:
+            worker = Worker(values, tmp_path / f"voter{len(workers)}.log", beat=False, queues="voting")
+            workers.append(worker)
+            return worker
 
-        engines = WorkerEngines(settings, sessions)
-        return asyncio.run(execute_round(round_id, settings, sessions, engines, send))
+        def run_round() -> str:
+            def send(round_id: int, shard: int) -> None:
+                celery.send_task(VOTE_SHARD_TASK, args=[round_id, shard])
 
-    yield settings, sessions, round_id, start_worker, run_round
+            engines = WorkerEngines(settings, sessions)
+            return asyncio.run(execute_round(round_id, settings, sessions, engines, send))
+
+        return settings, sessions, round_id, start_worker, run_round
+
+    yield make
     for worker in workers:
         worker.kill()
+
+
+@pytest.fixture
+def fanout(make_fanout, broker_url: str):  # noqa: F811
+    return make_fanout(broker_url)
 
 
 def shards(sessions, round_id: int) -> list[VoteShard]:
@@ -188,3 +201,55 @@ def test_a_round_with_no_voting_worker_fails_cleanly(fanout) -> None:
     assert all(r.state == "cancelled" for r in shards(sessions, round_id))
     stall = settings.voting_shard_attempts * settings.voting_shard_timeout_s
     assert stall <= time.monotonic() - started < stall + 40
+
+
+def test_a_redis_restart_mid_round_loses_no_shard(make_fanout, tmp_path: Path) -> None:
+    """A broker of this test's own, without persistence, killed while a shard is voted and started
+    again empty: the queued shards' messages are gone, and the round sends them again."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+
+    def start_redis() -> subprocess.Popen:
+        server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=port).ping()
+                return server
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.1)
+
+    broker = start_redis()
+    try:
+        _, sessions, round_id, start_worker, run_round = make_fanout(f"redis://127.0.0.1:{port}/0")
+        voter = start_worker()
+        voter.wait_ready()
+        lost: list[int] = []
+
+        def restart_when_voting() -> None:
+            nonlocal broker
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                if any(row.state == "running" for row in shards(sessions, round_id)):
+                    lost.append(redis.Redis(port=port).llen("voting"))  # messages about to be lost
+                    broker.kill()
+                    broker.wait()
+                    time.sleep(2)
+                    broker = start_redis()
+                    return
+                time.sleep(0.05)
+
+        restarter = threading.Thread(target=restart_when_voting)
+        restarter.start()
+        state = run_round()
+        restarter.join()
+        assert lost and lost[0] > 0, "no queued shard was lost with the broker"
+        assert state in ("succeeded", "rejected")
+        assert all(row.state == "done" for row in shards(sessions, round_id))
+        check_labels(sessions, round_id)
+    finally:
+        broker.kill()
+        broker.wait()
