@@ -634,6 +634,8 @@ class VLLMEngine:
             for candidate in candidates:
                 body = {"model": adapter, "prompt": candidate, "add_special_tokens": False}
                 response = await self._call("POST", "/tokenize", json=body)
+                if response.status_code == 404 and adapter in _message(response):
+                    raise _RouteLost(f"vLLM forgot adapter {adapter}")
                 if response.status_code != 200:
                     raise RuntimeError(f"vLLM could not tokenize {candidate!r}: {_message(response)}")
                 tokens = response.json()["tokens"]
@@ -649,9 +651,7 @@ class VLLMEngine:
         """Each prefix's candidate log-probabilities (one call per prefix, sent together; the shared
         prompt is in vLLM's prefix cache after the first); None when the server lost the route."""
 
-        ids = await self._token_ids(route.adapter, request.candidates)
-
-        async def one(prefix: str) -> list[float | None]:
+        async def one(prefix: str, ids: list[int]) -> list[float | None]:
             choices = await self._chat(route, reading_payload(route.adapter, request, urls, prefix, ids))
             listed = choices[0]["logprobs"]["content"][0]["top_logprobs"]
             seen = {entry["token"]: entry["logprob"] for entry in listed}
@@ -659,7 +659,8 @@ class VLLMEngine:
 
         route.enter()
         try:
-            return list(await asyncio.gather(*(one(prefix) for prefix in request.prefixes)))
+            ids = await self._token_ids(route.adapter, request.candidates)
+            return list(await asyncio.gather(*(one(prefix, ids) for prefix in request.prefixes)))
         except _RouteLost:
             return None
         finally:
