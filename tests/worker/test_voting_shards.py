@@ -8,6 +8,7 @@ mid-shard in the fault test.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import subprocess
 import threading
@@ -22,10 +23,11 @@ from iqa import registry
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
 from iqa.models import EvolutionRound, PseudoLabel, VoteShard
 from iqa.settings import Settings
-from iqa.store import ImageStore
+from iqa.store import service_store
 from tests.worker.conftest import log_photos
 from tests.worker.test_celery_loop import Worker, broker_url, database_url  # noqa: F401
 from tests.worker.test_inprocess_rounds import TINY_ROUND
+from tests.worker.test_s3_store import BUCKET, objects, s3_endpoint  # noqa: F401
 from trainer.config import RoundOverrides
 from trainer.lifecycle import WorkerEngines, create_round, execute_round, request_cancel
 from trainer.shards import split
@@ -48,12 +50,13 @@ def make_fanout(demo_model_dir: Path, tmp_path: Path, database_url: str):  # noq
     here, sending its shards to the `voting` queue)."""
     workers: list[Worker] = []
 
-    def make(broker: str):
+    def make(broker: str, store: str | None = None, store_options: dict | None = None):
         values = {
             "database_url": database_url,
             "broker_url": broker,
             "data_dir": tmp_path,
-            "image_store": tmp_path / "images",
+            "image_store": store or tmp_path / "images",
+            "image_store_options": json.dumps(store_options or {}),  # as the environment carries it
             "checkpoints_dir": tmp_path / "checkpoints",
             "model": str(demo_model_dir),
             "device": "cpu",
@@ -64,9 +67,9 @@ def make_fanout(demo_model_dir: Path, tmp_path: Path, database_url: str):  # noq
             "voting_shard_timeout_s": 6,
         }
         upgrade_database(database_url)
-        settings = Settings(_env_file=None, **values)
+        settings = Settings(_env_file=None, **{**values, "image_store_options": store_options or {}})
         sessions = make_sessionmaker(make_engine(database_url))
-        log_photos(sessions, ImageStore(tmp_path / "images"), 10)
+        log_photos(sessions, service_store(settings), 10)
         with sessions() as session:
             base = registry.ensure_base_version(session, "demo (untrained)", str(demo_model_dir), True)
             round_id = create_round(session, "manual", RoundOverrides(seed=0), base.id).id
@@ -253,3 +256,24 @@ def test_a_redis_restart_mid_round_loses_no_shard(make_fanout, tmp_path: Path) -
     finally:
         broker.kill()
         broker.wait()
+
+
+def test_voting_workers_read_the_pool_from_an_s3_store(
+    make_fanout,
+    broker_url: str,  # noqa: F811
+    s3_endpoint: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """API replicas and workers on other hosts share one store: the voting workers (real Celery
+    processes) read every image they vote on from S3, and nothing of the pool is on their disk."""
+    _, sessions, round_id, start_worker, run_round = make_fanout(
+        broker_url, f"s3://{BUCKET}/shards", {"endpoint_url": s3_endpoint}
+    )
+    voters = [start_worker(), start_worker()]
+    for voter in voters:
+        voter.wait_ready()
+    assert len(objects(s3_endpoint, "shards/")) == 10
+    assert run_round() in ("succeeded", "rejected")
+    assert all(row.state == "done" for row in shards(sessions, round_id))
+    check_labels(sessions, round_id)
+    assert not (tmp_path / "images").exists()  # no local image folder anywhere
