@@ -138,14 +138,18 @@ class ShardedVoter:
                 counts[k] = (label.votes_i, label.votes_j, label.invalid)
 
         local = asyncio.create_task(vote_here())
+        follow: asyncio.Task[list[list[Any]]] | None = None
         try:
             for shard in range(len(members)):
                 self.send(self.round_id, shard)
-            shard_votes = await self._follow(members, done, report)
-            await local
+            follow = asyncio.create_task(self._follow(members, done, report))
+            await asyncio.gather(follow, local)  # the first failure of either ends the voting
+            shard_votes = follow.result()
         finally:
-            local.cancel()
-            await asyncio.gather(local, return_exceptions=True)
+            tasks = [task for task in (local, follow) if task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(self._cancel_unfinished)
         for shard_members, votes in zip(members, shard_votes, strict=True):
             for k, (a, b, invalid) in zip(shard_members, votes, strict=True):

@@ -36,6 +36,7 @@ from worker.celery_app import VOTE_SHARD_TASK, make_celery
 pytestmark = pytest.mark.postgres
 
 PAIRS = 24
+QUICK_TIMEOUT_S = 10  # short enough to wait for, long enough for heartbeats on a loaded machine
 
 
 def test_split_gives_balanced_contiguous_shards() -> None:
@@ -50,7 +51,7 @@ def make_fanout(demo_model_dir: Path, tmp_path: Path, database_url: str):  # noq
     here, sending its shards to the `voting` queue)."""
     workers: list[Worker] = []
 
-    def make(broker: str, store: str | None = None, store_options: dict | None = None):
+    def make(broker: str, store: str | None = None, store_options: dict | None = None, timeout_s: float = 30):
         values = {
             "database_url": database_url,
             "broker_url": broker,
@@ -64,7 +65,7 @@ def make_fanout(demo_model_dir: Path, tmp_path: Path, database_url: str):  # noq
             "round_pairs": PAIRS,
             "round_votes": 4,
             "voting_shards": 4,
-            "voting_shard_timeout_s": 6,
+            "voting_shard_timeout_s": timeout_s,  # short where a test waits for it on purpose
         }
         upgrade_database(database_url)
         settings = Settings(_env_file=None, **{**values, "image_store_options": store_options or {}})
@@ -97,6 +98,12 @@ def make_fanout(demo_model_dir: Path, tmp_path: Path, database_url: str):  # noq
 @pytest.fixture
 def fanout(make_fanout, broker_url: str):  # noqa: F811
     return make_fanout(broker_url)
+
+
+@pytest.fixture
+def quick_fanout(make_fanout, broker_url: str):  # noqa: F811
+    """A shard timeout of 10 s, for the tests that wait for it."""
+    return make_fanout(broker_url, timeout_s=QUICK_TIMEOUT_S)
 
 
 def shards(sessions, round_id: int) -> list[VoteShard]:
@@ -135,8 +142,8 @@ def test_a_round_fans_its_votes_out_over_two_voting_workers(fanout) -> None:
     check_labels(sessions, round_id)
 
 
-def test_a_voting_worker_killed_mid_shard_has_its_shard_voted_again(fanout) -> None:
-    _, sessions, round_id, start_worker, run_round = fanout
+def test_a_voting_worker_killed_mid_shard_has_its_shard_voted_again(quick_fanout) -> None:
+    _, sessions, round_id, start_worker, run_round = quick_fanout
     victim, survivor = start_worker(), start_worker()
     victim.wait_ready()
     survivor.wait_ready()
@@ -194,8 +201,8 @@ def test_cancelling_the_round_stops_its_shards(fanout) -> None:
         assert session.scalar(select(func.count()).where(PseudoLabel.round_id == round_id)) == 0
 
 
-def test_a_round_with_no_voting_worker_fails_cleanly(fanout) -> None:
-    settings, sessions, round_id, _, run_round = fanout
+def test_a_round_with_no_voting_worker_fails_cleanly(quick_fanout) -> None:
+    settings, sessions, round_id, _, run_round = quick_fanout
     started = time.monotonic()
     assert run_round() == "failed"  # no shard moved for attempts x timeout
     with sessions() as session:
@@ -227,7 +234,9 @@ def test_a_redis_restart_mid_round_loses_no_shard(make_fanout, tmp_path: Path) -
 
     broker = start_redis()
     try:
-        _, sessions, round_id, start_worker, run_round = make_fanout(f"redis://127.0.0.1:{port}/0")
+        _, sessions, round_id, start_worker, run_round = make_fanout(
+            f"redis://127.0.0.1:{port}/0", timeout_s=6
+        )
         voter = start_worker()
         voter.wait_ready()
         lost: list[int] = []
