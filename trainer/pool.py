@@ -30,9 +30,12 @@ def list_images(folder: Path) -> list[Path]:
 
 def load_image(path: Path, max_pixels: int) -> Image.Image:
     """One decoded, upright RGB image at most `max_pixels` large; raises ImageRejected when unusable."""
-    decoded = decode_image(
-        path.read_bytes(), max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, min_side=MIN_SIDE
-    )
+    return image_from_bytes(path.read_bytes(), max_pixels)
+
+
+def image_from_bytes(data: bytes, max_pixels: int) -> Image.Image:
+    """`load_image` for bytes already read (from a remote image store)."""
+    decoded = decode_image(data, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, min_side=MIN_SIDE)
     return downscale_for_model(decoded.image, max_pixels)
 
 

@@ -28,11 +28,10 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from iqa.engines.base import Engine, ModelSpec, Sampling
-from iqa.images import decode_image, downscale_for_model
 from iqa.models import VoteShard, utcnow
 from iqa.settings import PromptProfile, Settings
 from iqa.store import ImageStore, service_store
-from trainer.pool import MAX_FILE_BYTES, MAX_PIXELS, MIN_SIDE
+from trainer.pool import image_from_bytes
 from trainer.voting import LabelRule, VotingResult, make_label, vote_pairs
 
 log = logging.getLogger(__name__)
@@ -185,7 +184,7 @@ class ShardedVoter:
             done["shards"] = sum(len(members[r.shard]) if r.state == "done" else r.done_pairs for r in rows)
             report()
             if all(r.state == "done" for r in rows):
-                return [r.votes or [] for r in sorted(rows, key=lambda r: r.shard)]
+                return await asyncio.to_thread(self._votes)
             now, clock = utcnow(), time.monotonic()
             state = tuple((r.state, r.attempt, r.done_pairs) for r in rows)
             if state != seen:
@@ -216,11 +215,22 @@ class ShardedVoter:
         except Exception as error:  # kombu's OperationalError and the like: the broker is away
             log.warning("voting shard %s of round %s not sent again: %s", shard, self.round_id, error)
 
-    def _rows(self) -> list[VoteShard]:
+    def _rows(self) -> list[Any]:
+        """What following the shards needs, without their pairs and votes (read every `POLL_S`)."""
+        columns = (
+            VoteShard.shard, VoteShard.state, VoteShard.attempt, VoteShard.done_pairs,
+            VoteShard.heartbeat_at, VoteShard.worker,
+        )  # fmt: skip
         with self.sessions() as session:
-            rows = list(session.scalars(select(VoteShard).where(VoteShard.round_id == self.round_id)))
-            session.expunge_all()
-            return rows
+            return list(session.execute(select(*columns).where(VoteShard.round_id == self.round_id)))
+
+    def _votes(self) -> list[list[Any]]:
+        """Every shard's votes, in shard order, once all are done."""
+        with self.sessions() as session:
+            query = (
+                select(VoteShard.votes).where(VoteShard.round_id == self.round_id).order_by(VoteShard.shard)
+            )
+            return [votes or [] for votes in session.scalars(query)]
 
     def _requeue(self, shard: int, attempt: int) -> bool:
         """Put a shard whose worker went quiet back in the queue (unless it moved on meanwhile)."""
@@ -289,12 +299,6 @@ def _finish(sessions: sessionmaker[Session], row: VoteShard, votes: list[list[in
         return done.rowcount == 1
 
 
-def _load(store: ImageStore, key: str, max_pixels: int) -> Image.Image:
-    data = store.read(key.rsplit("/", 1)[-1])
-    image = decode_image(data, max_bytes=MAX_FILE_BYTES, max_pixels=MAX_PIXELS, min_side=MIN_SIDE).image
-    return downscale_for_model(image, max_pixels)
-
-
 async def vote_shard(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -317,7 +321,9 @@ async def vote_shard(
     request = row.request
     store = service_store(settings)
     keys = sorted({key for pair in row.pairs for key in pair})
-    images = await asyncio.to_thread(lambda: [_load(store, key, request["max_pixels"]) for key in keys])
+    images = await asyncio.to_thread(
+        lambda: [image_from_bytes(store.read(key.rsplit("/", 1)[-1]), request["max_pixels"]) for key in keys]
+    )
     index = {key: k for k, key in enumerate(keys)}
     pairs = [(index[a], index[b]) for a, b in row.pairs]
     done = 0
