@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit, EngineAdmission, RateLimit
-from api.observability import ObservabilityMiddleware, service_registry
+from api.observability import ObservabilityMiddleware, forget_this_process, service_registry
 from api.observability import router as metrics_router
 from api.routers import admin, compare, dashboard, health, images, models, rank, score
 from iqa.db import make_engine, make_sessionmaker, upgrade_database
@@ -120,6 +120,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
                     await task
             await service.engine.close()
             service.db.dispose()
+            forget_this_process()
 
     app = FastAPI(title="EvoQuality Service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     install_error_handlers(app)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -30,6 +31,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -61,8 +63,24 @@ async def metrics(request: Request) -> Response:
     import asyncio
 
     shared: CollectorRegistry = request.app.state.metrics_registry
-    body = await asyncio.to_thread(lambda: generate_latest(REGISTRY) + generate_latest(shared))
+    body = await asyncio.to_thread(lambda: generate_latest(process_counters()) + generate_latest(shared))
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def process_counters() -> CollectorRegistry:
+    """This process's counters, or, under `evoq serve --workers N` (prometheus_client's multiprocess
+    mode), all workers' counters merged: a scrape reaches one worker but must count them all."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged)
+    return merged
+
+
+def forget_this_process() -> None:
+    """At a worker's exit: drop its live gauges from the merged metrics (counters keep counting)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(os.getpid())
 
 
 def service_registry(service: Any) -> CollectorRegistry:

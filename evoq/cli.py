@@ -24,6 +24,14 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="Log level of the app and uvicorn.")] = "info",
     log_json: Annotated[bool, typer.Option("--log-json", help="Log lines as JSON objects.")] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="API processes on one port (EVOQ_ENGINE=vllm only: the local engine would load the "
+            "model in each); the vLLM server needs --max-loras of at least workers + 2.",
+        ),
+    ] = 1,
 ) -> None:
     """Start the HTTP API (settings from EVOQ_* variables; the embedded default needs none).
 
@@ -32,10 +40,17 @@ def serve(
 
     from api.app import create_app
     from api.observability import log_config
+    from api.workers import WorkersRefused, serve_workers
 
-    uvicorn.run(
-        create_app(), host=host, port=port, log_level=log_level, log_config=log_config(log_level, log_json)
-    )
+    if workers == 1:
+        uvicorn.run(
+            create_app(), host=host, port=port, log_level=log_level, log_config=log_config(log_level, log_json)
+        )
+        return
+    try:
+        serve_workers(workers, host=host, port=port, log_level=log_level, log_json=log_json)
+    except WorkersRefused as error:
+        raise typer.BadParameter(str(error), param_hint="--workers") from error
 
 
 @app.command()

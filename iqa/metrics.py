@@ -15,7 +15,9 @@ PARSE_FAILURES = Counter(
     "evoq_parse_failures", "Client completions without a parsable answer, by kind (score, vote).", ["kind"]
 )
 IN_FLIGHT = Gauge(
-    "evoq_requests_at_engine", "Client requests admitted to the engine now (the bounded queue)."
+    "evoq_requests_at_engine",
+    "Client requests admitted to the engine now (the bounded queue).",
+    multiprocess_mode="livesum",  # under several API workers: the sum over the live ones
 )
 SHED = Counter("evoq_requests_shed", "Client requests refused with 503 because the engine queue was full.")
 UNKEPT = Counter("evoq_unkept_requests", "Requests scored without being stored or logged (keep=false).")

@@ -117,3 +117,29 @@ def test_evoq_serve_builds_the_demo_model_and_scores(tmp_path: Path) -> None:
     finally:
         engine.dispose()
     assert (data_dir / "images" / sha[:2] / sha[2:4] / sha).read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("extra_env", "message"),
+    [
+        ({}, "need EVOQ_ENGINE=vllm"),
+        ({"EVOQ_ENGINE": "vllm", "EVOQ_RATE_LIMIT": "10/minute"}, "EVOQ_RATE_LIMIT_STORAGE"),
+    ],
+)
+def test_evoq_serve_refuses_workers_it_cannot_run_alike(
+    tmp_path: Path, extra_env: dict[str, str], message: str
+) -> None:
+    """Several workers with the local engine would load the model in each; an in-memory rate limit would
+    give each worker its own quota. Both are refused before anything starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVOQ_")}
+    env |= {"EVOQ_DATA_DIR": str(tmp_path / "data"), **extra_env}
+    result = subprocess.run(
+        [str(EVOQ), "serve", "--workers", "2", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in " ".join(result.stderr.split()), result.stderr
+    assert not (tmp_path / "data").exists(), "nothing is created before the check"
