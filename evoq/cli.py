@@ -43,9 +43,8 @@ def serve(
     from api.workers import WorkersRefused, serve_workers
 
     if workers == 1:
-        uvicorn.run(
-            create_app(), host=host, port=port, log_level=log_level, log_config=log_config(log_level, log_json)
-        )
+        config = log_config(log_level, log_json)
+        uvicorn.run(create_app(), host=host, port=port, log_level=log_level, log_config=config)
         return
     try:
         serve_workers(workers, host=host, port=port, log_level=log_level, log_json=log_json)

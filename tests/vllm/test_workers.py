@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import psutil
@@ -26,6 +28,7 @@ from tests.vllm.test_rounds import loaded_adapters
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 EVOQ = Path(sys.executable).parent / "evoq"
+T = TypeVar("T")
 
 
 def spawned_workers(parent: psutil.Process) -> list[psutil.Process]:
@@ -37,7 +40,8 @@ def spawned_workers(parent: psutil.Process) -> list[psutil.Process]:
     ]
 
 
-def wait_for(condition, timeout_s: float, what: str):  # noqa: ANN001, ANN201
+def wait_for(condition: Callable[[], T], timeout_s: float, what: str) -> T:
+    """The first truthy value of `condition`, polled until `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if value := condition():
