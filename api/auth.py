@@ -11,7 +11,6 @@ from fastapi import Depends, Header, HTTPException, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.deps import ServiceDep, SettingsDep
-from iqa import keys
 
 _bearer = HTTPBearer(auto_error=False, description="EVOQ_ADMIN_TOKEN as a bearer token.")
 
@@ -47,16 +46,12 @@ async def client_key(
     """The id of the caller's key; None while /v1/* is open (no key exists and none is required).
     A key that is sent must be valid even then: a typo should not pass silently."""
     given = x_api_key or (credentials.credentials if credentials else None)
-
-    def check() -> tuple[int | None, bool]:
-        with service.sessions() as session:
-            found = keys.active_key_id(session, given) if given else None
-            return found, found is None and (
-                service.settings.require_api_keys or keys.any_active_key(session)
-            )
-
-    key_id, refused = await asyncio.to_thread(check)
-    if refused or (given and key_id is None):
+    required = service.settings.require_api_keys
+    answer = service.key_check.cached(given, required)
+    if answer is None:
+        answer = await asyncio.to_thread(service.key_check.check, given, required)
+    key_id, refused = answer
+    if refused:
         message = "missing, wrong or revoked API key" if given else "an API key is required"
         raise HTTPException(401, message, headers={"WWW-Authenticate": "Bearer"})
     return key_id

@@ -18,8 +18,9 @@ it counts CPU time per request (the server process, the client, the engine's pro
 throughput, that hardly moves when other work shares the machine. The same HTTP requests with
 `mode=fast` (one-pass reading, no sampling) run beside them. Targets: concurrency N gives >= 3x the
 throughput of concurrency 1 over HTTP (batching), HTTP + storage + database logging cost <= 10% over
-the engine at concurrency N, the API's own CPU (server minus engine) <= 4 ms per request, fast scores
->= 10x the sampled requests/s, and a cache hit answers in < 10 ms p50.
+the engine at concurrency N, the API's own CPU (the server's CPU outside its model thread, whose CPU
+the server counts in `evoq_engine_model_cpu_seconds`) <= 4 ms per request, fast scores >= 10x the
+sampled requests/s, and a cache hit answers in < 10 ms p50.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ class Phase:
     wall_s: float = 0.0
     cpu_s: float = 0.0  # CPU time of the process that served (API server, or this one for the engine)
     client_cpu_s: float = 0.0  # CPU time of this process as the HTTP client
+    model_thread_cpu_s: float = 0.0  # CPU time of the server's model thread (HTTP paths)
     batches: int | None = None  # forward batches the engine ran (engine path only)
     latencies_ms: list[float] = field(default_factory=list)
     round_throughputs: list[float] = field(default_factory=list)
@@ -129,6 +131,10 @@ class Phase:
 
     def cpu_ms_per_request(self, client: bool = False) -> float:
         return (self.client_cpu_s if client else self.cpu_s) * 1000 / self.requests
+
+    def api_cpu_ms_per_request(self) -> float:
+        """The server's CPU outside its model thread: HTTP, intake, storage, logging, the event loop."""
+        return (self.cpu_s - self.model_thread_cpu_s) * 1000 / self.requests
 
     def percentile(self, q: float) -> float:
         if len(self.latencies_ms) < 2:
@@ -167,6 +173,15 @@ def process_cpu_s(pid: int) -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def model_cpu_s(client: httpx.AsyncClient) -> float:
+    """The server's `evoq_engine_model_cpu_seconds_total`: CPU time of its model thread so far."""
+    text = (await client.get("/metrics")).text
+    for line in text.splitlines():
+        if line.startswith("evoq_engine_model_cpu_seconds_total "):
+            return float(line.split()[1])
+    raise RuntimeError("the server's /metrics has no evoq_engine_model_cpu_seconds_total")
 
 
 class HTTPScorer:
@@ -350,6 +365,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                 images = supply.take(count)
                 if path == "engine":
                     on_engine.prepare(images)
+                model_cpu = await model_cpu_s(client)
                 batches, own_cpu, server_cpu = (
                     engine.batches_run,
                     time.process_time(),
@@ -357,6 +373,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                 )
                 await closed_loop(images, concurrency, callers.get(path, on_engine), phase)
                 own_cpu, server_cpu = time.process_time() - own_cpu, process_cpu_s(server.pid) - server_cpu
+                model_cpu = await model_cpu_s(client) - model_cpu  # the scrapes' CPU counts as the API's
                 if path == "http" and concurrency == 1:
                     scored_over_http.extend(images)
                 if phase is None:
@@ -364,6 +381,7 @@ async def run(args: argparse.Namespace, work: Path) -> None:
                 if path != "engine":
                     phase.cpu_s += server_cpu
                     phase.client_cpu_s += own_cpu
+                    phase.model_thread_cpu_s += model_cpu
                 else:
                     phase.cpu_s += own_cpu
                     phase.batches = (phase.batches or 0) + engine.batches_run - batches
@@ -465,12 +483,21 @@ def report(phases: dict[tuple[str, int], Phase], hits: Phase, high: int) -> None
     )
     http_cpu, engine_cpu = (phases[(p, high)].cpu_ms_per_request() for p in ("http", "engine"))
     targets.add_row(
-        f"the API's own CPU per request, c={high}: API server - engine CPU ms",
+        f"server CPU - engine-alone CPU per request, c={high} (includes the model's batching under HTTP)",
         f"{http_cpu - engine_cpu:.1f} ms",
         "",
-        "<= 4 ms",
-        verdict(http_cpu - engine_cpu <= 4),
+        "-",
+        "",
     )
+    for path, label in (("http", "sampled"), ("http-fast", "fast")):
+        own = phases[(path, high)].api_cpu_ms_per_request()
+        targets.add_row(
+            f"the API's own CPU per request, {label}, c={high}: server CPU outside its model thread",
+            f"{own:.1f} ms",
+            "",
+            "<= 4 ms",
+            verdict(own <= 4),
+        )
     for c in (1, high):
         fast, sampled = phases[("http-fast", c)], phases[("http", c)]
         gain, low, top = ratio(fast, sampled)

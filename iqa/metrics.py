@@ -27,3 +27,8 @@ BATCH_ROWS = Histogram(
     "Sequences per forward batch of the local engine.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+MODEL_CPU = Counter(
+    "evoq_engine_model_cpu_seconds",
+    "CPU time of the local engine's model thread: image processing, forward passes, decoding (with "
+    "torch's intra-op threads at 1, all of the model's CPU; the rest of the process is the API's own).",
+)

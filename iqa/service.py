@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from sqlalchemy import Engine as DBEngine
 from sqlalchemy.orm import Session, sessionmaker
 
-from iqa import ranking, records, registry
+from iqa import keys, ranking, records, registry
 from iqa.db import check_database, make_engine, make_sessionmaker
 from iqa.demo_model import build_demo_model, demo_name, is_demo_model, is_untrained
 from iqa.engines.base import Engine, EngineUnavailable, ModelSpec, Sampling
@@ -143,6 +143,7 @@ class IQAService:
         self._activation_lock = asyncio.Lock()
         self.round_stale_after = timedelta(seconds=settings.round_stale_after_s)
         self._admitted = 0  # client requests at the engine now (see `admitted`)
+        self.key_check = keys.KeyCheck(self.sessions, keys.KEY_CHECK_TTL_S)
 
     # ---- sampling -------------------------------------------------------------------------------
     def sampling(self, kind: str) -> Sampling:

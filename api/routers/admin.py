@@ -198,7 +198,9 @@ async def create_key(body: Annotated[KeyRequest | None, Body()], service: Servic
     def create() -> KeyCreated:
         with service.sessions.begin() as session:
             row, key = keys.create_key(session, (body or KeyRequest()).name)
-            return KeyCreated(id=row.id, name=row.name, key=key)
+            created = KeyCreated(id=row.id, name=row.name, key=key)
+        service.key_check.forget()
+        return created
 
     return await asyncio.to_thread(create)
 
@@ -222,7 +224,9 @@ async def revoke_key(key_id: KeyId, service: ServiceDep) -> KeyOut:
             row = keys.revoke_key(session, key_id)
             if row is None:
                 raise HTTPException(404, f"no API key {key_id}")
-            return KeyOut.model_validate(row, from_attributes=True)
+            revoked = KeyOut.model_validate(row, from_attributes=True)
+        service.key_check.forget()
+        return revoked
 
     return await asyncio.to_thread(revoke)
 

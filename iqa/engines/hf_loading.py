@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ class LoadedModel:
     device: torch.device
     default_max_new_tokens: int | None
     vocabulary: Any = None  # token texts and answer grammars, built on first constrained request
+    candidate_ids: dict[tuple[str, ...], list[int]] = field(default_factory=dict)  # readings' answer tokens
 
 
 def load_model(spec: ModelSpec, device: str = "auto", dtype: str = "auto") -> LoadedModel:

@@ -14,9 +14,11 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypeVar
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
@@ -33,16 +35,26 @@ from iqa.engines.base import (
 from iqa.engines.constraint import AnswerConstraint, AnswerGrammar
 from iqa.engines.hf_loading import LoadedModel, load_model
 from iqa.images import downscale_for_model
-from iqa.metrics import BATCH_ROWS
+from iqa.metrics import BATCH_ROWS, MODEL_CPU
 from iqa.prompts import chat_messages
 from iqa.settings import PromptProfile
 
 log = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 FALLBACK_MAX_NEW_TOKENS = 1024
 CLIENT_ACTIVE_S = 5.0
 ADAPTIVE_WAIT_SHARE = 0.2
 ADAPTIVE_WAIT_CAP_S = 0.1
+
+
+def _timed(work: Callable[..., Result], *args: object) -> Result:
+    """Run `work` on the model thread and count that thread's CPU time (`evoq_engine_model_cpu_seconds`)."""
+    started = time.thread_time()
+    try:
+        return work(*args)
+    finally:
+        MODEL_CPU.inc(time.thread_time() - started)
 
 
 @dataclass
@@ -190,11 +202,17 @@ class LocalEngine:
 
     @staticmethod
     def _candidate_ids(loaded: LoadedModel, request: ReadingRequest) -> list[int]:
+        """The answer tokens a reading reads, tokenized once per model (every reading asks the same)."""
+        known = loaded.candidate_ids.get(request.candidates)
+        if known is not None:
+            return known
         tokenizer = loaded.processor.tokenizer
-        candidates = [tokenizer.encode(c, add_special_tokens=False) for c in request.candidates]
-        if any(len(ids) != 1 for ids in candidates):
+        encoded = [tokenizer.encode(c, add_special_tokens=False) for c in request.candidates]
+        if any(len(ids) != 1 for ids in encoded):
             raise ValueError(f"every candidate must be one token: {request.candidates}")
-        return [ids[0] for ids in candidates]
+        first_ids = [ids[0] for ids in encoded]
+        loaded.candidate_ids[request.candidates] = first_ids
+        return first_ids
 
     def _read_group(self, loaded: LoadedModel, group: list[_Pending]) -> list[ReadingResult]:
         """Readings of one kind, at most `max_batch_rows` prompt and prefix rows per forward."""
@@ -348,11 +366,16 @@ class LocalEngine:
                 try:
                     if isinstance(request, GenerationRequest):
                         results = await loop.run_in_executor(
-                            self._generate_thread, self._generate_group, loaded, request.sampling, group
+                            self._generate_thread,
+                            _timed,
+                            self._generate_group,
+                            loaded,
+                            request.sampling,
+                            group,
                         )
                     else:
                         results = await loop.run_in_executor(
-                            self._generate_thread, self._read_group, loaded, group
+                            self._generate_thread, _timed, self._read_group, loaded, group
                         )
                 except asyncio.CancelledError:  # closing: nobody will wait for this batch
                     for pending in group:

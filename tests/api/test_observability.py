@@ -56,6 +56,8 @@ def test_metrics_count_requests_samples_cache_hits_and_read_the_shared_state(liv
     assert grew("evoq_samples_generated_total", kind="vote") == 4
     assert grew("evoq_cache_hits_total") == 1
     assert grew("evoq_engine_batch_rows_count") >= 1
+    # The model thread's CPU: some for the two generations, none for the cache hit or the 422.
+    assert 0 < grew("evoq_engine_model_cpu_seconds_total") < 60
     # Read from the database and the engine at scrape time.
     assert value(after, "evoq_images_stored") == live.count(Image) == 3
     assert value(after, "evoq_rounds", state="succeeded") == 0
