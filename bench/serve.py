@@ -280,11 +280,16 @@ def service_env(args: argparse.Namespace, data_dir: Path) -> dict[str, str]:
     return env
 
 
-async def start_server(env: dict[str, str], work: Path, port: int) -> asyncio.subprocess.Process:
+async def start_server(
+    env: dict[str, str], work: Path, port: int, workers: int = 1
+) -> asyncio.subprocess.Process:
     """`evoq serve` in a child process (its own interpreter, as in production), ready to answer."""
+    command = (sys.executable, "-m", "evoq.cli", "serve", "--port", str(port), "--log-level", "warning")
     with (work / "server.log").open("wb") as log:
         server = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "evoq.cli", "serve", "--port", str(port), "--log-level", "warning"),
+            *command,
+            "--workers",
+            str(workers),
             cwd=work,  # no stray .env is read
             env={**os.environ, **env, "PYTHONPATH": str(REPO)},
             stdout=log,

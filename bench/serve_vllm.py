@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--database-url", default=None, help="the API's database (an empty one); default: a temporary SQLite"
     )
     parser.add_argument("--image-size", type=int, nargs=2, default=(320, 240), metavar=("W", "H"))
+    parser.add_argument(
+        "--workers", type=int, default=1, help="API processes (evoq serve --workers; vLLM allows 2 here)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, DB)")
     return parser.parse_args(argv)
 
@@ -172,11 +175,18 @@ async def run(args: argparse.Namespace, work: Path) -> None:
         f"[bold]EvoQuality vLLM serving benchmark[/] on the tiny demo model: vLLM {vllm.url} "
         f"healthy after {vllm_start_s:.1f} s; samples={args.samples}, max_tokens={max_tokens}, "
         f"{args.requests} requests x {args.rounds} rounds per setting, concurrency 1 and {high}, "
-        f"images {args.image_size[0]}x{args.image_size[1]} JPEG, {os.cpu_count()} CPUs"
+        f"images {args.image_size[0]}x{args.image_size[1]} JPEG, {os.cpu_count()} CPUs, "
+        f"{args.workers} API worker(s)"
     )
     api_started = time.perf_counter()
     port = free_port()
-    server = await start_server(env, work, port)
+    server = await start_server(env, work, port, args.workers)
+    async with httpx.AsyncClient(base_url=vllm.url) as to_vllm:  # every worker has loaded its adapter
+        for _ in range(600):
+            models = (await to_vllm.get("/v1/models")).json()["data"]
+            if sum(m["id"].startswith("evoq-") for m in models) >= args.workers:
+                break
+            await asyncio.sleep(0.2)
     api_start_s = time.perf_counter() - api_started
     supply = ImageSupply(tuple(args.image_size))
     paths = ("http", "direct", "http-fast")
