@@ -332,10 +332,9 @@ class IQAService:
             if image_id is None:  # not kept
                 return None
             with self.sessions.begin() as session:
-                row = records.add_prediction(
+                return records.add_prediction(
                     session, image_id, result, profile, key, latency, api_key_id, distribution
                 )
-                return row.id
 
         prediction_id = await asyncio.to_thread(log_prediction)
         return ScoredImage(
@@ -394,10 +393,9 @@ class IQAService:
             if id_a is None or id_b is None:  # not kept
                 return None
             with self.sessions.begin() as session:
-                row = records.add_comparison(
+                return records.add_comparison(
                     session, id_a, id_b, result, self.settings.prompt_profile, key, latency, api_key_id
                 )
-                return row.id
 
         comparison_id = await asyncio.to_thread(log_comparison)
         return ComparedPair(
@@ -477,10 +475,9 @@ class IQAService:
 
                 def log_comparison() -> int:
                     with self.sessions.begin() as session:
-                        row = records.add_comparison(
+                        return records.add_comparison(
                             session, id_i, id_j, result, profile, key, latency, api_key_id
                         )
-                        return row.id
 
                 logged.setdefault((min(i, j), max(i, j)), []).append(await asyncio.to_thread(log_comparison))
             return result.votes_a, result.votes_b, result.invalid
