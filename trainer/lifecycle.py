@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 FINAL_STATES = ("succeeded", "rejected", "failed", "cancelled")
 _ORDER = ("queued", "voting", "training", "evaluating", "swapping")
 HEARTBEAT_S = 1.0  # how often progress is written and the heartbeat beats
+SNAPSHOT_THREADS = 16  # pool images fetched at once into a round's snapshot
 # trainer.round stage -> round state
 _STATES = {
     "variants": "voting",  # making the round-2 variants, before the votes
@@ -567,16 +569,21 @@ def _pool_snapshot(store: ImageStore, hashes: list[str], snapshot: Path) -> Iter
     systems), downloads from a remote one. Deleting an image (on request or by retention) then never
     pulls a file from under the voting or the training, and every worker host reads from one store."""
     snapshot.mkdir(parents=True, exist_ok=True)
-    copied: list[Path] = []
+
+    def fetch(sha256: str) -> Path | None:
+        target = snapshot / store.key_for(sha256)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            store.copy_to(sha256, target)
+        except FileNotFoundError:  # deleted before the round started
+            return None
+        return target
+
     try:
-        for sha256 in hashes:
-            target = snapshot / store.key_for(sha256)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                store.copy_to(sha256, target)
-            except FileNotFoundError:  # deleted before the round started
-                continue
-            copied.append(target)
+        # Several at once: from an object store each file is a round trip; a local store's links are
+        # cheap either way.
+        with ThreadPoolExecutor(SNAPSHOT_THREADS) as pool:
+            copied = [path for path in pool.map(fetch, hashes) if path is not None]
         yield copied
     finally:
         shutil.rmtree(snapshot, ignore_errors=True)
