@@ -289,6 +289,15 @@ def _beat(sessions: sessionmaker[Session], row: VoteShard, done: int) -> None:
             raise ShardSuperseded(f"voting shard {row.shard} of round {row.round_id} was taken over")
 
 
+def _give_up(sessions: sessionmaker[Session], row: VoteShard, error: BaseException) -> None:
+    """Mark a shard this worker cannot vote as lost now (no heartbeat), with the error where the round
+    reads the worker's name: the round sends it again at its next poll instead of after a timeout, and
+    names the error if every attempt fails."""
+    reason = f"{row.worker} failed: {type(error).__name__}: {error}"[:200]
+    with sessions.begin() as session:
+        session.execute(update(VoteShard).where(*_mine(row)).values(heartbeat_at=None, worker=reason))
+
+
 def _finish(sessions: sessionmaker[Session], row: VoteShard, votes: list[list[int]]) -> bool:
     with sessions.begin() as session:
         done = session.execute(
@@ -315,6 +324,24 @@ async def vote_shard(
     row = await asyncio.to_thread(_claim, sessions, round_id, shard, worker)
     if row is None:
         return "skipped"
+    try:
+        return await _vote_claimed(settings, sessions, row, engine_for)
+    except Exception as error:  # its store or engine failed: hand the shard back at once
+        try:
+            await asyncio.to_thread(_give_up, sessions, row, error)
+        except Exception:  # the database too: the round's timeout takes the shard back
+            log.warning("could not hand voting shard %s back", row.shard, exc_info=True)
+        raise
+
+
+async def _vote_claimed(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    row: VoteShard,
+    engine_for: Callable[[Settings, ModelSpec], Any],
+) -> str:
+    """Vote a shard this worker claimed, heartbeating; "superseded" when another attempt took it."""
+    shard = row.shard
     urls = settings.round_vllm_urls
     if len(urls) > 1:
         settings = settings.model_copy(update={"round_vllm_url": urls[shard % len(urls)]})

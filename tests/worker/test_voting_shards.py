@@ -76,8 +76,9 @@ def make_fanout(demo_model_dir: Path, tmp_path: Path, database_url: str):  # noq
             round_id = create_round(session, "manual", RoundOverrides(seed=0), base.id).id
         celery = make_celery(settings)
 
-        def start_worker() -> Worker:
-            worker = Worker(values, tmp_path / f"voter{len(workers)}.log", beat=False, queues="voting")
+        def start_worker(extra_env: dict[str, str] | None = None) -> Worker:
+            log = tmp_path / f"voter{len(workers)}.log"
+            worker = Worker(values, log, beat=False, extra_env=extra_env, queues="voting")
             workers.append(worker)
             return worker
 
@@ -211,6 +212,29 @@ def test_a_round_with_no_voting_worker_fails_cleanly(quick_fanout) -> None:
     assert all(r.state == "cancelled" for r in shards(sessions, round_id))
     stall = settings.voting_shard_attempts * settings.voting_shard_timeout_s
     assert stall <= time.monotonic() - started < stall + 40
+
+
+def test_a_voting_worker_whose_engine_fails_hands_its_shards_back_at_once(fanout) -> None:
+    """Its vLLM is not there (a fault injected on purpose: a closed port). Each failed attempt hands
+    the shard back at once, so the round fails after the attempts in seconds, naming the error,
+    instead of waiting a heartbeat timeout per attempt (at least 3 x 30 s here before)."""
+    settings, sessions, round_id, start_worker, run_round = fanout
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    voter = start_worker({"EVOQ_ENGINE": "vllm", "EVOQ_VLLM_URL": dead, "EVOQ_ROUND_VLLM_URL": dead})
+    voter.wait_ready()
+    started = time.monotonic()
+
+    assert run_round() == "failed"
+
+    elapsed = time.monotonic() - started
+    with sessions() as session:
+        row = session.get_one(EvolutionRound, round_id)
+        assert "was lost" in (row.error or "") and "failed: EngineUnavailable" in row.error, row.error
+        assert row.result_version_id is None
+    assert elapsed < settings.voting_shard_timeout_s, f"{elapsed:.0f} s"
+    assert max(r.attempt for r in shards(sessions, round_id)) == settings.voting_shard_attempts
 
 
 def test_a_redis_restart_mid_round_loses_no_shard(make_fanout, tmp_path: Path) -> None:
