@@ -143,7 +143,12 @@ def main(argv: list[str] | None = None) -> None:
         held = evaluate_split(reader, heldout, heldout_pairs)
         res = evaluate_split(reader, reserved, reserved_pairs)
         return {
-            "heldout": {**held.correlations, "by_kind": held.by_kind, "vote_accuracy": held.vote_accuracy},
+            "heldout": {
+                **held.correlations,
+                "by_kind": held.by_kind,
+                "vote_accuracy": held.vote_accuracy,
+                "slopes": held.slopes,
+            },
             "reserved": {**res.correlations, "vote_accuracy": res.vote_accuracy},
             "scores": held.scores,
             "reserved_scores": res.scores,
@@ -220,8 +225,8 @@ def main(argv: list[str] | None = None) -> None:
 def _line(model: dict[str, Any]) -> str:
     held, res = model["heldout"], model["reserved"]
     text = (
-        f"held-out SRCC {held['srcc']:.3f} PLCC {held['plcc']:.3f} vote acc {held['vote_accuracy']:.3f}; "
-        f"reserved SRCC {res['srcc']:.3f}"
+        f"held-out SRCC {held['srcc']:.3f} PLCC {held['plcc']:.3f} vote acc {held['vote_accuracy']:.3f} "
+        f"quality slope {held['slopes']['mos']:.3f}; reserved SRCC {res['srcc']:.3f}"
     )
     if "labels" in model:
         labels = model["labels"]
@@ -292,9 +297,18 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
                 + " |"
             )
         per_kind = record["models"]["base"]["heldout"]["by_kind"]
+        slopes = [
+            f"{name} {m['heldout']['slopes']['mos']:.3f} / {m['heldout']['slopes']['content']:.3f} / "
+            f"{m['heldout']['slopes']['sd']:.3f}"
+            for name, m in record["models"].items()
+        ]
         lines += [
             "",
             "Base SRCC per distortion type: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()),
+            "",
+            "Held-out scores' slope on true quality / on the warm-up's content confound / spread (sd): "
+            + "; ".join(slopes)
+            + ". A round that learns raises the quality slope; shrinking the scores lowers all three.",
             "",
         ]
     names = list(dict.fromkeys(["base"] + [n for arm in arms(args) for n in arm_names(arm, args)[1:]]))

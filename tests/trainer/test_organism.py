@@ -31,7 +31,7 @@ from trainer.organism.data import (
     reserved_split,
     warmup_split,
 )
-from trainer.organism.measure import load_reader, pseudo_label_accuracy
+from trainer.organism.measure import load_reader, pseudo_label_accuracy, score_slopes
 from trainer.round import run_round
 
 MINI = Recipe(warmup_sources=48, images_per_source=6, head_steps=100, steps=60)
@@ -66,6 +66,24 @@ def test_heldout_is_fully_crossed_with_the_true_mos() -> None:
 def _laplacian_energy(image) -> float:
     g = np.asarray(image.convert("L"), dtype=np.float64)
     return float(np.abs(4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]).mean())
+
+
+def test_score_slopes_tell_learning_from_shrinking() -> None:
+    """Scores that track quality and the content confound give back both slopes; the same scores
+    pulled halfway to their mean (what the shuffled-label control does) keep their SRCC-relevant
+    order but halve every slope and the spread, which the report shows beside SRCC."""
+    samples = heldout_split(2)
+    rng = np.random.default_rng(0)
+    mos = np.array([s.mos for s in samples])
+    warmth = np.array([s.warmth for s in samples])
+    scores = 1.0 + 0.5 * mos + 2.0 * warmth + rng.normal(0, 0.1, len(samples))
+    slopes = score_slopes(scores.tolist(), samples)
+    assert slopes["mos"] == pytest.approx(0.5, abs=0.02)
+    assert slopes["content"] == pytest.approx(2.0, abs=0.05)
+    shrunk = score_slopes((scores.mean() + 0.5 * (scores - scores.mean())).tolist(), samples)
+    assert shrunk["mos"] == pytest.approx(slopes["mos"] / 2)
+    assert shrunk["content"] == pytest.approx(slopes["content"] / 2)
+    assert shrunk["sd"] == pytest.approx(slopes["sd"] / 2)
 
 
 def test_distortions_are_graded_and_reproducible() -> None:

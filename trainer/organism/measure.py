@@ -47,6 +47,20 @@ class LabelledEvaluation:
     correlations: dict[str, float | int]
     by_kind: dict[str, float]  # SRCC within each distortion type (pristine images included)
     vote_accuracy: float  # expected single-vote accuracy on true-ordered pairs
+    slopes: dict[str, float]  # see `score_slopes`
+
+
+def score_slopes(scores: Sequence[float], samples: Sequence[Sample]) -> dict[str, float]:
+    """Least-squares slopes of the scores on true quality (`mos`) and on the warm-up's content confound
+    (`content`: the reference's warmth), and the scores' spread (`sd`).
+
+    SRCC alone cannot tell learning from shrinking: scores pulled toward a common value lose their
+    confound and noise faster than their quality signal, and SRCC rises while the model perceives no
+    better (measured: the shuffled-label control). A round that learns raises the `mos` slope."""
+    y = np.asarray(scores, dtype=float)
+    design = np.column_stack([np.ones(len(samples)), [s.mos for s in samples], [s.warmth for s in samples]])
+    (_, mos, content), *_ = np.linalg.lstsq(design, y, rcond=None)
+    return {"mos": float(mos), "content": float(content), "sd": float(y.std())}
 
 
 def evaluate_split(
@@ -63,7 +77,9 @@ def evaluate_split(
     correct = [
         p if samples[a].mos > samples[b].mos else 1 - p for p, (a, b) in zip(first, pairs, strict=True)
     ]
-    return LabelledEvaluation(scores, correlations(scores, mos), by_kind, float(np.mean(correct)))
+    return LabelledEvaluation(
+        scores, correlations(scores, mos), by_kind, float(np.mean(correct)), score_slopes(scores, samples)
+    )
 
 
 def _by_reference(samples: Sequence[Sample]) -> list[np.ndarray]:
