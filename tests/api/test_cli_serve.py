@@ -43,6 +43,17 @@ def wait_until_ready(process: subprocess.Popen, url: str, log: Path) -> None:
     pytest.fail(f"evoq serve was not ready within {READY_TIMEOUT_S:.0f} s:\n{log.read_text()[-4000:]}")
 
 
+def stop_serve(process: subprocess.Popen, log: Path, timeout: float) -> int:
+    """SIGTERM `evoq serve` and wait for its exit code; fail (after killing it) if it does not stop."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        pytest.fail(f"evoq serve did not stop on SIGTERM:\n{log.read_text()[-4000:]}")
+
+
 @pytest.mark.slow
 def test_evoq_serve_builds_the_demo_model_and_scores(tmp_path: Path) -> None:
     assert EVOQ.is_file(), f"console script missing: {EVOQ}"
@@ -84,13 +95,7 @@ def test_evoq_serve_builds_the_demo_model_and_scores(tmp_path: Path) -> None:
             request_id = response.headers["X-Request-ID"]
             assert len(request_id) == 32
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                returncode = process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                pytest.fail(f"evoq serve did not stop on SIGTERM:\n{log.read_text()[-4000:]}")
+            returncode = stop_serve(process, log, timeout=30)
 
     # uvicorn shuts down gracefully, then re-raises the signal it caught: the exit says SIGTERM.
     served = log.read_text()

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from iqa.models import Image, Prediction
 from tests.api.conftest import jpeg, unique_seed
-from tests.api.test_cli_serve import free_port, wait_until_ready
+from tests.api.test_cli_serve import free_port, stop_serve, wait_until_ready
 from tests.vllm.conftest import TinyModels
 from tests.vllm.server import VLLMServer
 from tests.vllm.test_rounds import loaded_adapters
@@ -129,13 +129,7 @@ def test_two_workers_each_serve_with_their_own_adapter_and_share_database_and_me
         assert scored == 5, text
         assert metric_total(text, "evoq_samples_generated_total", kind="score") == 4 * 2 + 8
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            returncode = process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            pytest.fail(f"evoq serve --workers 2 did not stop on SIGTERM:\n{log.read_text()[-4000:]}")
+        returncode = stop_serve(process, log, timeout=60)
     served = log.read_text()
     assert returncode in (0, -signal.SIGTERM), served[-4000:]
     assert "Traceback" not in served, served[-4000:]
