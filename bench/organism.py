@@ -53,6 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--beta", type=float, default=0.05)
+    parser.add_argument("--label-rule", choices=["hard", "soft"], default="hard", help="the paper's: hard")
+    parser.add_argument(
+        "--min-margin",
+        type=float,
+        default=0.0,
+        help="train only on pairs whose vote margin |K_i - K_j| / (K_i + K_j) reaches this (paper: 0)",
+    )
     parser.add_argument(
         "--variants-per-image",
         type=int,
@@ -71,6 +78,8 @@ def round_config(args: argparse.Namespace, seed: int) -> RoundConfig:
         votes=args.votes,
         eval_samples=args.eval_samples,
         holdout=args.holdout,
+        label_rule=args.label_rule,
+        min_margin=args.min_margin,
         seed=seed,
         device="cpu",
         train=TrainSettings(
@@ -268,7 +277,7 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             f"{record['rounds_and_evaluations_s']:.0f} s)",
             "",
             "| model | held-out PLCC | SRCC [95%] | ΔSRCC vs base [95%] | KRCC | vote acc | reserved SRCC "
-            "[95%] | pseudo-label acc | single-vote acc | gate |",
+            "[95%] | pseudo-label acc (decided; trained on) | single-vote acc | gate |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, m in record["models"].items():
@@ -285,7 +294,12 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
                 )
                 + f" | {h['krcc']:.3f} | {h['vote_accuracy']:.3f} | {r['srcc']:.3f} [{rci['srcc_lo']:.3f}, "
                 f"{rci['srcc_hi']:.3f}] | "
-                + (f"{labels['label_accuracy']:.3f} ({labels['decided_pairs']})" if labels else "-")
+                + (
+                    f"{labels['label_accuracy']:.3f} ({labels['decided_pairs']}); "
+                    f"{labels['train_label_accuracy']:.3f} ({labels.get('train_pairs', '?')})"
+                    if labels
+                    else "-"
+                )
                 + " | "
                 + (f"{labels['single_vote_accuracy']:.3f}" if labels else "-")
                 + " | "

@@ -191,6 +191,13 @@ class Settings(BaseSettings):
     )
     gate_max_parse_failure: float = Field(0.1, ge=0, le=1, description="Gate: most unparsable answers.")
     gate_min_spread: float = Field(0.05, ge=0, description="Gate: least std of scores across images.")
+    gate_min_spread_ratio: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Gate: the candidate's read score spread must keep this share of the active model's "
+        "(scores pulled toward one value are a partial collapse; skipped below gate_min_spread).",
+    )
     gate_min_agreement_gain: float = Field(
         0.0,
         ge=-1,

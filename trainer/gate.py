@@ -5,6 +5,13 @@ with held-out pseudo-labels (pairs voted but kept out of training) must RISE, an
 parsable, and scores must keep their spread across images (a model that gives every image the same
 score has collapsed). With a labelled validation set configured, SRCC on it must not drop either.
 
+The spread is checked twice: an absolute floor on the sampled spread, and, where the round read the
+held-out scores, the read spread may not shrink below `min_spread_ratio` of the active model's. Training
+on labels that carry no information (the organism's shuffled-label control) pulls every score toward a
+common value: on the organism's held-out images a control round 1 cut the spread by 24-45%, while real
+rounds 1 widened it by 54-113% (bench/results, 2026-12-04). Shrinking strips a score's content bias and
+noise faster than its signal, so agreement, and even SRCC, can rise while the model perceives no better.
+
 Agreement is read, not sampled, where the round read the held-out scores in one pass
 (`iqa.reading`): per pair, the Thurstone chance that the preferred image wins under the read score
 distributions, so before and after can be compared pair by pair, and the mean gain must beat its
@@ -32,6 +39,9 @@ class GateThresholds:
     agreement_z: float = 1.645
     max_parse_failure: float = 0.10
     min_spread: float = 0.05  # std of per-image mean scores, on the 1-5 scale
+    # The candidate's read spread must keep this share of the active model's (a partial collapse); checked
+    # only when the active model's read spread reaches `min_spread` (the untrained demo reads ~0.002).
+    min_spread_ratio: float = 0.8
     srcc_tolerance: float = 0.0
 
 
@@ -65,11 +75,11 @@ def _finite(value: float | None) -> bool:
 def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThresholds) -> GateVerdict:
     """Compare the metrics of the active model and the candidate on the same held-out data.
 
-    Both dicts carry `agreement`, `parse_failure_rate`, `spread`, and optionally `srcc` (labelled set)
-    and `agreement_pairs` (per-pair read agreement, same pairs in the same order): with those, the gain
-    must beat `min_agreement_gain` by `agreement_z` standard errors of the paired gain, so a round that
-    only perturbs the model does not pass by chance. A metric the candidate cannot produce (NaN) fails
-    its check.
+    Both dicts carry `agreement`, `parse_failure_rate`, `spread`, and optionally `srcc` (labelled set),
+    `read_spread` and `agreement_pairs` (per-pair read agreement, same pairs in the same order): with
+    those, the gain must beat `min_agreement_gain` by `agreement_z` standard errors of the paired gain,
+    so a round that only perturbs the model does not pass by chance. A metric the candidate cannot
+    produce (NaN) fails its check.
     """
     reasons: list[str] = []
     checks: dict[str, Any] = {}
@@ -104,6 +114,16 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
     if not _finite(spread) or spread < thresholds.min_spread:
         reasons.append(f"score spread {spread} is below {thresholds.min_spread}: the model has collapsed")
     checks["spread"] = {"active": active.get("spread"), "candidate": spread, "min": thresholds.min_spread}
+
+    read_spread, base_read_spread = candidate.get("read_spread"), active.get("read_spread")
+    if _finite(base_read_spread) and base_read_spread >= thresholds.min_spread:
+        floor = thresholds.min_spread_ratio * base_read_spread
+        checks["read_spread"] = {"active": base_read_spread, "candidate": read_spread, "min": floor}
+        if not _finite(read_spread) or read_spread < floor:
+            reasons.append(
+                f"read score spread shrank from {base_read_spread:.3f} to {read_spread:.3f} (below "
+                f"{thresholds.min_spread_ratio:.0%} of it): scores pulled to one value, a partial collapse"
+            )
 
     if "srcc" in active or "srcc" in candidate:
         srcc, base_srcc = candidate.get("srcc"), active.get("srcc")
@@ -149,4 +169,5 @@ def gate_inputs(metrics: dict[str, Any]) -> dict[str, Any]:
     if "holdout_read_pairs" in metrics:
         inputs["agreement"] = value("holdout_read_agreement")
         inputs["agreement_pairs"] = metrics["holdout_read_pairs"]
+        inputs["read_spread"] = value("read_spread")
     return inputs

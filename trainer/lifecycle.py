@@ -731,6 +731,7 @@ async def _judge(settings: Settings, parent: ModelSpec, result: RoundResult) -> 
         agreement_z=settings.gate_agreement_z,
         max_parse_failure=settings.gate_max_parse_failure,
         min_spread=settings.gate_min_spread,
+        min_spread_ratio=settings.gate_min_spread_ratio,
     )
     return judge(active_metrics, candidate_metrics, thresholds)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from trainer.gate import GateThresholds, gate_inputs, judge
 
 ACTIVE = {"agreement": 0.70, "parse_failure_rate": 0.02, "spread": 0.6}
@@ -86,6 +88,27 @@ def test_a_collapsed_model_is_rejected() -> None:
     """Same score for every image: spread 0, even with perfect parsing."""
     verdict = judge(ACTIVE, {"agreement": 0.8, "parse_failure_rate": 0.0, "spread": 0.0}, GateThresholds())
     assert not verdict.passed and len(verdict.reasons) == 1 and "collapsed" in verdict.reasons[0]
+
+
+def test_scores_that_shrink_toward_one_value_are_rejected_even_when_agreement_rises() -> None:
+    """The shuffled-label control's signature: agreement up, read spread down by more than a fifth."""
+    active = {**ACTIVE, "read_spread": 0.98}
+    shrunk = {"agreement": 0.9, "parse_failure_rate": 0.0, "spread": 0.5, "read_spread": 0.74}
+    verdict = judge(active, shrunk, GateThresholds())
+    assert not verdict.passed and len(verdict.reasons) == 1
+    assert "shrank from 0.980 to 0.740" in verdict.reasons[0]
+    assert verdict.checks["read_spread"]["min"] == pytest.approx(0.784)
+    assert judge(active, {**shrunk, "read_spread": 0.79}, GateThresholds()).passed  # kept 81%
+    assert judge(active, {**shrunk, "read_spread": 1.77}, GateThresholds()).passed  # widened
+    assert judge(active, shrunk, GateThresholds(min_spread_ratio=0.7)).passed
+
+
+def test_the_spread_ratio_is_skipped_for_a_parent_whose_scores_barely_spread() -> None:
+    """The untrained demo reads about the same score for every image: no spread to keep."""
+    active = {**ACTIVE, "read_spread": 0.002}
+    candidate = {"agreement": 0.9, "parse_failure_rate": 0.0, "spread": 0.5, "read_spread": 0.0005}
+    verdict = judge(active, candidate, GateThresholds())
+    assert verdict.passed and "read_spread" not in verdict.checks
 
 
 def test_unparsable_answers_are_rejected() -> None:

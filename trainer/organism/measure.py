@@ -143,6 +143,7 @@ def pseudo_label_accuracy(
         "ordered_pairs": len(ordered),
         "decided_pairs": len(decided),
         "label_accuracy": right / len(decided) if decided else math.nan,
+        "train_pairs": len(train),
         "train_label_accuracy": train_right / len(train) if train else math.nan,
         "single_vote_accuracy": right_votes / votes if votes else math.nan,
     }
