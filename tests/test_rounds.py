@@ -63,6 +63,30 @@ def test_cancel_a_queued_round_at_once_and_a_running_one_at_its_next_step(sessio
             rounds.advance(session, running.id, "training")
 
 
+def test_a_cancel_between_the_runners_read_and_its_write_wins(sessions) -> None:
+    """The lost update a fresh-clone CI run once showed: the runner read `queued`, an admin ended the
+    queued round, then the runner's write marked it `voting`. Injected here between read and write."""
+    with sessions() as session:
+        queued = rounds.create_round(session, "manual", RoundOverrides(), None)
+    with sessions() as runner:
+        read = runner.get_one
+
+        def read_then_cancel(*args, **kwargs):
+            row = read(*args, **kwargs)
+            runner.commit()  # end the read transaction, as a pooled connection may between statements
+            with sessions() as admin:
+                assert rounds.request_cancel(admin, queued.id).state == "cancelled"
+            runner.get_one = read  # once
+            return row
+
+        runner.get_one = read_then_cancel
+        with pytest.raises(rounds.RoundCancelled):
+            rounds.advance(runner, queued.id, "voting", worker="host:1")
+    with sessions() as session:
+        row = session.get_one(EvolutionRound, queued.id)
+        assert row.state == "cancelled" and row.worker is None and row.lock is None
+
+
 def test_a_round_whose_worker_died_is_failed_and_frees_the_lock(sessions) -> None:
     with sessions() as session:
         round_ = rounds.create_round(session, "manual", RoundOverrides(), None)
