@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = out / f"seed{seed}"
         base = folder / "base"
         log = lambda line, s=seed: print(f"  [seed {s}] {line}", flush=True)  # noqa: E731
-        build_s = ensure_organism(base, Recipe(seed=seed), log, args.rebuild)["timings"]["total_s"]
+        built = ensure_organism(base, Recipe(seed=seed), log, args.rebuild)
+        build_s = built["timings"]["total_s"]
         for old in [*folder.glob("v[0-9][0-9][0-9]*"), folder / "control", folder / "variants"]:  # old runs
             shutil.rmtree(old, ignore_errors=True)
         pool = pool_split(args.pool_references, args.pool_per_reference, seed)
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             models[n]["reserved"]["ci"] = reserved_intervals[n]
         results["seeds"][str(seed)] = {
             "build_s": build_s,
+            "environment": built.get("environment"),
             "rounds_and_evaluations_s": time.perf_counter() - seed_started,
             "models": models,
         }
@@ -310,6 +312,8 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
                 )
                 + " |"
             )
+        if record.get("environment"):  # bases built elsewhere differ (see build_environment)
+            lines += ["", f"Base built on: {json.dumps(record['environment'])}"]
         per_kind = record["models"]["base"]["heldout"]["by_kind"]
         slopes = [
             f"{name} {m['heldout']['slopes']['mos']:.3f} / {m['heldout']['slopes']['content']:.3f} / "

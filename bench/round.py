@@ -260,6 +260,8 @@ async def run_on_vllm(args: argparse.Namespace, root: Path, model: Path, config)
     )
     after = timings["scoring_after_s"]  # the parent's evaluation ran beside the training
     table.add_row("  of which the candidate's evaluation", f"{after:.1f} s = {100 * after / wall:.1f}%", "")
+    load = timings["candidate_load_s"]
+    table.add_row("    of which loading it into vLLM", f"{load:.1f} s = {100 * load / wall:.1f}%", "")
     table.add_row(
         "client score p50 while voting vs idle",
         f"{p50_voting:.0f} / {p50_idle:.0f} ms = {p50_voting / p50_idle:.2f}x ({len(during)} requests)",

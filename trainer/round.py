@@ -389,6 +389,7 @@ async def run_round(
         )
         mark = time.perf_counter()
         async with engines.candidate(candidate.spec()) as engine:
+            timings["candidate_load_s"] = time.perf_counter() - mark  # e.g. the adapter into vLLM
             after = await _score_holdout(engine, pool, holdout, config, constrain, "scoring-after", report)
         timings["scoring_after_s"] = time.perf_counter() - mark
         timings["total_s"] = time.perf_counter() - started

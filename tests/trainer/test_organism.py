@@ -120,7 +120,11 @@ def test_the_builder_is_deterministic_and_writes_a_demo_folder(tmp_path: Path) -
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     marker = json.loads((first / "evoq_demo.json").read_text())
     assert marker["name"] == ORGANISM_NAME and marker["untrained"] is True
-    assert json.loads((first / RECIPE_FILE).read_text())["recipe"]["steps"] == 3
+    record = json.loads((first / RECIPE_FILE).read_text())
+    assert record["recipe"]["steps"] == 3
+    # What else decides the weights is recorded with them: bases built elsewhere differ.
+    assert record["environment"]["packages"]["torch"] == torch.__version__
+    assert record["environment"]["threads"] == tiny.threads and record["environment"]["cpu"]
     config = json.loads((first / "config.json").read_text())
     assert config["vision_config"]["window_size"] == 224
     # A bench reuses a base built from the same recipe and rebuilds one from another.
