@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: serve test lint bench vllm-venv
 
-$(STAMP): pyproject.toml constraints.txt scripts/bootstrap.sh
+$(STAMP): pyproject.toml constraints.txt requirements.lock scripts/bootstrap.sh
 	bash scripts/bootstrap.sh $(VENV)
 	touch $(STAMP)
 
