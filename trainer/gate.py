@@ -120,6 +120,7 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
         floor = thresholds.min_spread_ratio * base_read_spread
         checks["read_spread"] = {"active": base_read_spread, "candidate": read_spread, "min": floor}
         if not _finite(read_spread) or read_spread < floor:
+            read_spread = read_spread if _finite(read_spread) else math.nan
             reasons.append(
                 f"read score spread shrank from {base_read_spread:.3f} to {read_spread:.3f} (below "
                 f"{thresholds.min_spread_ratio:.0%} of it): scores pulled to one value, a partial collapse"

@@ -43,9 +43,12 @@ def test_read_agreement_per_pair_is_the_gate_input_where_the_round_read_scores()
         "holdout_read_agreement": 0.7,
         "holdout_read_pairs": [0.9, None, 0.5],
         "parse_failure_rate": 0.0,
+        "read_spread": 0.8,
+        "score_spread": 0.3,
     }
     inputs = gate_inputs(metrics)
     assert inputs["agreement"] == 0.7 and inputs["agreement_pairs"] == [0.9, None, 0.5]
+    assert inputs["read_spread"] == 0.8 and inputs["spread"] == 0.3
 
 
 def _paired(before: list[float], after: list[float]) -> tuple[dict, dict]:
@@ -101,6 +104,8 @@ def test_scores_that_shrink_toward_one_value_are_rejected_even_when_agreement_ri
     assert judge(active, {**shrunk, "read_spread": 0.79}, GateThresholds()).passed  # kept 81%
     assert judge(active, {**shrunk, "read_spread": 1.77}, GateThresholds()).passed  # widened
     assert judge(active, shrunk, GateThresholds(min_spread_ratio=0.7)).passed
+    missing = judge(active, {k: v for k, v in shrunk.items() if k != "read_spread"}, GateThresholds())
+    assert not missing.passed and "shrank from 0.980 to nan" in missing.reasons[0]
 
 
 def test_the_spread_ratio_is_skipped_for_a_parent_whose_scores_barely_spread() -> None:
