@@ -298,7 +298,7 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
                 f"{rci['srcc_hi']:.3f}] | "
                 + (
                     f"{labels['label_accuracy']:.3f} ({labels['decided_pairs']}); "
-                    f"{labels['train_label_accuracy']:.3f} ({labels.get('train_pairs', '?')})"
+                    f"{labels['train_label_accuracy']:.3f} ({labels['train_pairs']})"
                     if labels
                     else "-"
                 )

@@ -11,6 +11,9 @@ on labels that carry no information (the organism's shuffled-label control) pull
 common value: on the organism's held-out images a control round 1 cut the spread by 24-45%, while real
 rounds 1 widened it by 54-113% (bench/results, 2026-12-04). Shrinking strips a score's content bias and
 noise faster than its signal, so agreement, and even SRCC, can rise while the model perceives no better.
+Controls that do not shrink are not caught by it: on other organism bases two control rounds passed
+the paired agreement test below with gains under 0.01 (a smooth change moves every pair the same way,
+so the paired standard error is tiny); `min_agreement_gain` sets a least practical gain.
 
 Agreement is read, not sampled, where the round read the held-out scores in one pass
 (`iqa.reading`): per pair, the Thurstone chance that the preferred image wins under the read score

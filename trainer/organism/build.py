@@ -277,8 +277,8 @@ def _stage_b(
 def build_environment() -> dict[str, Any]:
     """What besides the recipe decides the weights: float rounding differs between CPU instruction sets
     and library versions, and 1,900 training steps amplify it. Seed 0's base measured held-out SRCC
-    0.251, 0.317 and 0.293 when built in three sessions' environments (package versions float; only
-    torch is pinned), so a base is compared with another only where these match."""
+    0.251, 0.317 and 0.293 when built in three sessions' environments (package versions floated then;
+    requirements.lock pins them now), so a base is compared with another only where these match."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
