@@ -250,6 +250,19 @@ def _line(model: dict[str, Any]) -> str:
     return text
 
 
+def _gate_statistics(metrics: dict[str, Any]) -> str:
+    """The paired gain in read order (what the gate tests) and in the Thurstone chance, per round."""
+    from trainer.gate import paired_gain
+
+    parts = []
+    for label, key in (("order", "holdout_order_pairs"), ("Thurstone", "holdout_read_pairs")):
+        paired = paired_gain(metrics["before"].get(key), metrics["after"].get(key))
+        if paired is not None:
+            gain, standard_error, n = paired
+            parts.append(f"{label} {gain:+.4f} / {standard_error:.4f} ({n} pairs)")
+    return "; ".join(parts) or "no per-pair readings"
+
+
 def _series(results: dict[str, Any], name: str, split: str, metric: str) -> list[float]:
     return [
         seed["models"][name][split][metric] for seed in results["seeds"].values() if name in seed["models"]
@@ -314,12 +327,15 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             )
         if record.get("environment"):  # bases built elsewhere differ (see build_environment)
             lines += ["", f"Base built on: {json.dumps(record['environment'])}"]
+        rounds = {name: m for name, m in record["models"].items() if "gate_metrics" in m}
         per_kind = record["models"]["base"]["heldout"]["by_kind"]
         slopes = [
             f"{name} {m['heldout']['slopes']['mos']:.3f} / {m['heldout']['slopes']['content']:.3f} / "
             f"{m['heldout']['slopes']['sd']:.3f}"
             for name, m in record["models"].items()
         ]
+        lines += ["", "Gate's paired agreement gain on the held-out pool pairs (gain / standard error):"]
+        lines += [f"- {name}: {_gate_statistics(m['gate_metrics'])}" for name, m in rounds.items()]
         lines += [
             "",
             "Base SRCC per distortion type: " + ", ".join(f"{k} {v:.2f}" for k, v in per_kind.items()),

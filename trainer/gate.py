@@ -7,21 +7,21 @@ score has collapsed). With a labelled validation set configured, SRCC on it must
 
 The spread is checked twice: an absolute floor on the sampled spread, and, where the round read the
 held-out scores, the read spread may not shrink below `min_spread_ratio` of the active model's. Training
-on labels that carry no information (the organism's shuffled-label control) pulls every score toward a
-common value: on the organism's held-out images a control round 1 cut the spread by 24-45%, while real
-rounds 1 widened it by 54-113% (bench/results, 2026-12-04). Shrinking strips a score's content bias and
-noise faster than its signal, so agreement, and even SRCC, can rise while the model perceives no better.
-Controls that do not shrink are not caught by it: on other organism bases two control rounds passed
-the paired agreement test below with gains under 0.01 (a smooth change moves every pair the same way,
-so the paired standard error is tiny); `min_agreement_gain` sets a least practical gain.
+on labels that carry no information (the organism's shuffled-label control) can pull every score toward
+a common value: on the organism's held-out images a control round 1 cut the spread by 24-45%, while real
+rounds 1 widened it by 54-113% (bench/results, 2026-12-04).
 
-Agreement is read, not sampled, where the round read the held-out scores in one pass
-(`iqa.reading`): per pair, the Thurstone chance that the preferred image wins under the read score
-distributions, so before and after can be compared pair by pair, and the mean gain must beat its
-standard error (`agreement_z`). Sampled agreement flipped with sampling noise: on the model organism
-a round that lifted true SRCC by 0.10 read as a drop at 4 samples, and the gate passed 3 of 6
-shuffled-label control rounds; with the paired read test it refused all 6 (bench/results,
-2026-12-04). A candidate that changes nothing measurable is not promoted.
+Agreement is read, not sampled, where the round read the held-out scores in one pass (`iqa.reading`),
+so before and after can be compared pair by pair, and the mean per-pair gain must beat its standard
+error (`agreement_z`). Sampled agreement flipped with sampling noise: on the model organism a round that
+lifted true SRCC by 0.10 read as a drop at 4 samples. Per pair the gate counts the ORDER of the read
+means (`holdout_order_pairs`: preferred image first 1, level 0.5, last 0), not the Thurstone chance that
+the preferred image wins under the read distributions (`holdout_read_pairs`, still recorded). The
+chance rises for every pair already in the voted order when a model only grows surer or spreads its
+scores, and most pairs are in order: two shuffled-label control rounds that learned nothing gained
++0.009 with paired standard errors of 0.002-0.003 and passed (bench/results, 2026-12-04-margin). Order
+moves only when a pair swaps, and a perturbation swaps pairs both ways. A candidate that changes
+nothing measurable is not promoted; `min_agreement_gain` sets a least practical gain.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
         reasons.append("no held-out agreement could be measured for the candidate")
     elif _finite(base_agreement):
         needed = thresholds.min_agreement_gain
-        paired = _paired_gain(active.get("agreement_pairs"), candidate.get("agreement_pairs"))
+        paired = paired_gain(active.get("agreement_pairs"), candidate.get("agreement_pairs"))
         if paired is not None:
             gain, standard_error, n = paired
             needed += thresholds.agreement_z * standard_error  # one-sided test of gain > min gain
@@ -140,7 +140,7 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
     return GateVerdict(not reasons, reasons, checks)
 
 
-def _paired_gain(before: Any, after: Any) -> tuple[float, float, int] | None:
+def paired_gain(before: Any, after: Any) -> tuple[float, float, int] | None:
     """(mean gain, its standard error, pairs) over the pairs both models read; None without two lists."""
     if not isinstance(before, list) or not isinstance(after, list) or len(before) != len(after):
         return None
@@ -153,8 +153,9 @@ def _paired_gain(before: Any, after: Any) -> tuple[float, float, int] | None:
 def gate_inputs(metrics: dict[str, Any]) -> dict[str, Any]:
     """The gate's inputs from a round manifest's `before` or `after` metrics (null becomes NaN).
 
-    Agreement is the deterministic read one (with its per-pair values) where the round read the scores,
-    else the soft sampled one, else the agreement of mean scores (older manifests). Spread stays the
+    Agreement is the read order (with its per-pair values) where the round read the scores, else the
+    read Thurstone chance, else the soft sampled one, else the agreement of mean scores (older
+    manifests, each in turn). Spread stays the
     sampled one: the untrained demo reads almost the same score for every image (spread about 0.002),
     and would be refused as collapsed by a read spread.
     """
@@ -174,4 +175,7 @@ def gate_inputs(metrics: dict[str, Any]) -> dict[str, Any]:
         inputs["agreement"] = value("holdout_read_agreement")
         inputs["agreement_pairs"] = metrics["holdout_read_pairs"]
         inputs["read_spread"] = value("read_spread")
+    if "holdout_order_pairs" in metrics:
+        inputs["agreement"] = value("holdout_order_agreement")
+        inputs["agreement_pairs"] = metrics["holdout_order_pairs"]
     return inputs

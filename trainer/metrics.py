@@ -97,6 +97,26 @@ def read_pair_agreement(
     return credit
 
 
+def read_pair_order(
+    readings: Mapping[Hashable, tuple[float, float] | None], labels: Sequence[PairLabel]
+) -> list[float | None]:
+    """Per held-out pair, whether the model's read mean puts the preferred image first (1), last (0) or
+    level with the other (0.5). None for tied labels and unread images. Unlike `read_pair_agreement` it
+    does not move when a model only grows surer (narrower read distributions) or rescales its scores:
+    only a change of order counts, which is what a round must teach.
+    """
+    order: list[float | None] = []
+    for label in labels:
+        a, b = readings.get(label.i), readings.get(label.j)
+        if label.tie or a is None or b is None:
+            order.append(None)
+            continue
+        if label.votes_j > label.votes_i:
+            a, b = b, a
+        order.append(1.0 if a[0] > b[0] else 0.0 if a[0] < b[0] else 0.5)
+    return order
+
+
 def parse_failure_rate(n_invalid: int, n_total: int) -> float:
     """Share of unparsable completions; NaN when there were none at all."""
     if not 0 <= n_invalid <= n_total:

@@ -41,6 +41,7 @@ from trainer.metrics import (
     parse_failure_rate,
     pseudo_label_agreement,
     read_pair_agreement,
+    read_pair_order,
     score_spread,
     soft_pseudo_label_agreement,
 )
@@ -185,8 +186,10 @@ def gate_metrics(
 ) -> dict[str, Any]:
     """The label-free checks of a model on the held-out pairs: agreement, parse failures, spread.
 
-    With `readings`, agreement is also read deterministically, per pair (`holdout_read_pairs`, in
-    `holdout` order), so the gate can compare two models pair by pair.
+    With `readings`, agreement is also read deterministically, per pair and in `holdout` order, so the
+    gate can compare two models pair by pair: as the Thurstone chance (`holdout_read_pairs`) and as
+    the read order (`holdout_order_pairs`, what the gate tests); `holdout_readings` keeps each held-out
+    image's read (mean, std) so any other statistic can be computed later.
     """
     read: dict[str, Any] = {}
     if readings is not None:
@@ -195,9 +198,14 @@ def gate_metrics(
         }
         per_pair = read_pair_agreement(distributions, holdout)
         counted = [c for c in per_pair if c is not None]
+        order = read_pair_order(distributions, holdout)
+        ordered = [c for c in order if c is not None]
         read = {
             "holdout_read_agreement": statistics.fmean(counted) if counted else math.nan,
             "holdout_read_pairs": per_pair,
+            "holdout_order_agreement": statistics.fmean(ordered) if ordered else math.nan,
+            "holdout_order_pairs": order,
+            "holdout_readings": {str(i): None if d is None else list(d) for i, d in distributions.items()},
             "read_spread": score_spread({k: r.score for k, r in readings.items()}),
             "read_coverage": statistics.fmean([r.coverage for r in readings.values()] or [math.nan]),
         }

@@ -6,7 +6,12 @@ import math
 
 import pytest
 
+from iqa.engines.base import ModelSpec
+from iqa.reading import ScoreReading
+from iqa.scoring import ScoreResult
 from trainer.gate import GateThresholds, gate_inputs, judge
+from trainer.round import gate_metrics
+from trainer.voting import PairLabel, make_label
 
 ACTIVE = {"agreement": 0.70, "parse_failure_rate": 0.02, "spread": 0.6}
 
@@ -49,6 +54,52 @@ def test_read_agreement_per_pair_is_the_gate_input_where_the_round_read_scores()
     inputs = gate_inputs(metrics)
     assert inputs["agreement"] == 0.7 and inputs["agreement_pairs"] == [0.9, None, 0.5]
     assert inputs["read_spread"] == 0.8 and inputs["spread"] == 0.3
+
+
+def test_the_read_order_is_the_gate_input_where_the_metrics_have_it() -> None:
+    metrics = {
+        "holdout_read_agreement": 0.7,
+        "holdout_read_pairs": [0.9, None, 0.5],
+        "holdout_order_agreement": 0.75,
+        "holdout_order_pairs": [1.0, None, 0.5],
+        "parse_failure_rate": 0.0,
+    }
+    inputs = gate_inputs(metrics)
+    assert inputs["agreement"] == 0.75 and inputs["agreement_pairs"] == [1.0, None, 0.5]
+
+
+def _read_metrics(means: dict[int, float], std: float, labels: list[PairLabel]) -> dict:
+    """A model's round metrics on the held-out pairs, from readings with these means and one std."""
+    spec = ModelSpec(0, "m", "base", "m")
+    scores = {i: ScoreResult(m, 0.1, 2, 2, [m, m], ["", ""], spec) for i, m in means.items()}
+    readings = {i: ScoreReading(m, std, {}, 1.0, spec) for i, m in means.items()}
+    return gate_metrics(scores, labels, readings)
+
+
+def test_a_model_that_only_grew_surer_is_refused_and_one_that_fixed_pairs_passes() -> None:
+    """Narrower read distributions raise the Thurstone chance of every pair already in the voted order,
+    and most pairs are (two shuffled-label controls passed that way); the read order does not move."""
+    labels = [make_label(2 * k, 2 * k + 1, 12, 4, 0) for k in range(40)]  # image 2k preferred
+    parent: dict[int, float] = {}
+    for k in range(40):  # 30 pairs read in the voted order, 10 against it
+        parent[2 * k], parent[2 * k + 1] = (3.3, 3.0) if k < 30 else (3.0, 3.3)
+    before, surer = _read_metrics(parent, 0.5, labels), _read_metrics(parent, 0.2, labels)
+
+    def by_chance(metrics: dict) -> dict:  # what the gate tested before: the Thurstone chance per pair
+        return gate_inputs({k: v for k, v in metrics.items() if k != "holdout_order_pairs"})
+
+    assert judge(by_chance(before), by_chance(surer), GateThresholds()).passed
+
+    verdict = judge(gate_inputs(before), gate_inputs(surer), GateThresholds())
+    assert not verdict.passed and verdict.checks["agreement"]["gain"] == 0.0
+    assert "did not rise enough: 0.750 -> 0.750" in verdict.reasons[0]
+
+    fixed = dict(parent)
+    for k in range(30, 38):  # 8 of the 10 pairs against the votes now read in their order
+        fixed[2 * k], fixed[2 * k + 1] = 3.3, 3.0
+    verdict = judge(gate_inputs(before), gate_inputs(_read_metrics(fixed, 0.5, labels)), GateThresholds())
+    assert verdict.passed, verdict.reasons
+    assert verdict.checks["agreement"]["gain"] == pytest.approx(8 / 40)
 
 
 def _paired(before: list[float], after: list[float]) -> tuple[dict, dict]:
