@@ -378,6 +378,18 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
                 + ", ".join(f"{g:+.1f}%" for g in gains)
                 + ")",
             ]
+    for arm in arms(args):
+        verdicts = [
+            (t, m["gate"]["passed"])
+            for record in results["seeds"].values()
+            for t in range(1, args.rounds + 1)
+            if (m := record["models"].get(f"{arm} r{t}")) and "gate" in m
+        ]
+        per_round = [
+            f"round {t} {sum(p for r, p in verdicts if r == t)} of {sum(r == t for r, _ in verdicts)}"
+            for t in sorted({r for r, _ in verdicts})
+        ]
+        lines += ["", f"Gate passed, {arm}: " + ", ".join(per_round)]
     text = "\n".join(lines) + "\n"
     (out / "report.md").write_text(text)
     return text

@@ -199,11 +199,11 @@ class Settings(BaseSettings):
         "(scores pulled toward one value are a partial collapse; skipped below gate_min_spread).",
     )
     gate_min_agreement_gain: float = Field(
-        0.0,
+        0.02,
         ge=-1,
         le=1,
-        description="Gate: held-out agreement must rise by more than this "
-        "(0: it must rise; -0.05: it may fall by 0.05).",
+        description="Gate: held-out agreement must rise by more than this, a least practical gain "
+        "(a round that learned nothing gained under 0.015 on the organism; -0.05: it may fall by 0.05).",
     )
     gate_agreement_z: float = Field(
         1.645,

@@ -187,9 +187,9 @@ def gate_metrics(
     """The label-free checks of a model on the held-out pairs: agreement, parse failures, spread.
 
     With `readings`, agreement is also read deterministically, per pair and in `holdout` order, so the
-    gate can compare two models pair by pair: as the Thurstone chance (`holdout_read_pairs`) and as
-    the read order (`holdout_order_pairs`, what the gate tests); `holdout_readings` keeps each held-out
-    image's read (mean, std) so any other statistic can be computed later.
+    gate can compare two models pair by pair: as the Thurstone chance (`holdout_read_pairs`, what the
+    gate tests) and as the read order (`holdout_order_pairs`, which only swaps move); `holdout_readings`
+    keeps each held-out image's read (mean, std) so another statistic can be computed later.
     """
     read: dict[str, Any] = {}
     if readings is not None:
