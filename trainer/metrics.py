@@ -84,17 +84,14 @@ def read_pair_agreement(
     reward's own model of a comparison. None for tied labels and unread images. Deterministic and
     smooth, so a before/after difference per pair is the model's change, not sampling noise.
     """
-    credit: list[float | None] = []
-    for label in labels:
-        a, b = readings.get(label.i), readings.get(label.j)
-        if label.tie or a is None or b is None:
-            credit.append(None)
-            continue
-        if label.votes_j > label.votes_i:
-            a, b = b, a
-        z = (a[0] - b[0]) / math.sqrt(a[1] ** 2 + b[1] ** 2 + gamma)
-        credit.append(float(stats.norm.cdf(z)))
-    return credit
+    return [
+        None
+        if pair is None
+        else float(
+            stats.norm.cdf((pair[0][0] - pair[1][0]) / math.sqrt(pair[0][1] ** 2 + pair[1][1] ** 2 + gamma))
+        )
+        for pair in _winner_first(readings, labels)
+    ]
 
 
 def read_pair_order(
@@ -105,16 +102,24 @@ def read_pair_order(
     does not move when a model only grows surer (narrower read distributions) or rescales its scores:
     only a change of order counts, which is what a round must teach.
     """
-    order: list[float | None] = []
+    return [
+        None if pair is None else 1.0 if pair[0][0] > pair[1][0] else 0.0 if pair[0][0] < pair[1][0] else 0.5
+        for pair in _winner_first(readings, labels)
+    ]
+
+
+def _winner_first(
+    readings: Mapping[Hashable, tuple[float, float] | None], labels: Sequence[PairLabel]
+) -> list[tuple[tuple[float, float], tuple[float, float]] | None]:
+    """Per label, the (winner's, loser's) readings by the votes; None for tied labels and unread images."""
+    pairs: list[tuple[tuple[float, float], tuple[float, float]] | None] = []
     for label in labels:
         a, b = readings.get(label.i), readings.get(label.j)
         if label.tie or a is None or b is None:
-            order.append(None)
-            continue
-        if label.votes_j > label.votes_i:
-            a, b = b, a
-        order.append(1.0 if a[0] > b[0] else 0.0 if a[0] < b[0] else 0.5)
-    return order
+            pairs.append(None)
+        else:
+            pairs.append((b, a) if label.votes_j > label.votes_i else (a, b))
+    return pairs
 
 
 def parse_failure_rate(n_invalid: int, n_total: int) -> float:
