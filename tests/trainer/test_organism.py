@@ -197,3 +197,15 @@ def test_a_short_round_fits_the_pseudo_labels_it_trained_on(mini_organism: Path,
     assert (after > before).mean() > 0.5  # most pairs moved the labelled way, not a few by a lot
     assert result.manifest["training"]["lone_images"] == 0
     assert 0.0 <= pseudo_label_accuracy(rows, truth)["label_accuracy"] <= 1.0
+
+
+def test_the_sweep_reads_typed_training_variants() -> None:
+    """`bench/organism_sweep.py` variants become typed `TrainSettings` overrides; a typo is refused."""
+    from bench.organism_sweep import parse_variant
+
+    overrides = parse_variant("learning_rate=1e-3; steps=120;lora=false;lora_rank=64")
+    assert overrides == {"learning_rate": 1e-3, "steps": 120, "lora": False, "lora_rank": 64}
+    assert replace(TrainSettings(), **overrides).resolved_learning_rate() == 1e-3
+    assert parse_variant("") == {}
+    with pytest.raises(SystemExit, match="learnig_rate"):
+        parse_variant("learnig_rate=1e-3")
