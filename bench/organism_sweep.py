@@ -8,6 +8,8 @@ PLCC / SRCC, its change from the base, the scores' slopes on true quality and on
 confound, and the gate's paired agreement gain. Every variant of a seed trains on the same votes: the
 first round votes, the others replay its `VotingResult` (same pairs, same split, same pseudo-labels),
 so the variants differ only in training (and in the training's own nondeterminism, about 0.01 SRCC).
+`--rounds 2` chains a second round per variant (it votes with its own parent, as the service does);
+`--shuffle-labels` makes them the shuffled-label control; other options are `bench/organism.py`'s.
 Writes `DIR/sweep.md` and `DIR/sweep.json`; the last line printed names the best variant by mean
 change in SRCC.
 """
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4])
     parser.add_argument("--variants", nargs="+", default=[""])
     parser.add_argument("--rounds", type=int, default=1, help="chain this many rounds per variant")
+    parser.add_argument("--shuffle-labels", action="store_true", help="the shuffled-label control rounds")
     own, rest = parser.parse_known_args()
     args = organism_args(["--out", str(own.out), *rest])  # the organism bench's round settings
 
@@ -104,7 +107,11 @@ def main() -> None:
             parent = base
             for t in range(1, own.rounds + 1):
                 config = round_config(args, seed * 100 + t)
-                config = replace(config, train=replace(config.train, **parse_variant(variant)))
+                config = replace(
+                    config,
+                    shuffle_labels=own.shuffle_labels,
+                    train=replace(config.train, **parse_variant(variant)),
+                )
                 target = folder / (f"sweep-{len(rows):02d}")
                 mark = time.perf_counter()
                 voter = first_votes if t == 1 else None  # later rounds vote with their own parent
