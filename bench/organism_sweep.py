@@ -21,7 +21,8 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import fields, replace
+import typing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,14 @@ from trainer.voting import VotingResult, vote_pairs  # noqa: E402
 
 def parse_variant(text: str) -> dict[str, Any]:
     """`"learning_rate=1e-3;steps=120"` -> typed `TrainSettings` overrides ("" -> none)."""
-    types = {f.name: f.type for f in fields(TrainSettings)}
+    hints = typing.get_type_hints(TrainSettings)
     overrides: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(";"))):
         key, _, value = item.partition("=")
-        if key not in types:
+        if key not in hints:
             raise SystemExit(f"unknown TrainSettings field {key!r}")
-        kind = str(types[key])
-        if "bool" in kind:
-            overrides[key] = value.lower() in ("1", "true", "yes")
-        elif "int" in kind and "float" not in kind:
-            overrides[key] = int(value)
-        elif "float" in kind:
-            overrides[key] = float(value)
-        else:
-            overrides[key] = value
+        kind = next(t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None))
+        overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return overrides
 
 
@@ -112,7 +106,7 @@ def main() -> None:
                     shuffle_labels=own.shuffle_labels,
                     train=replace(config.train, **parse_variant(variant)),
                 )
-                target = folder / (f"sweep-{len(rows):02d}")
+                target = folder / f"sweep-{len(rows):02d}"
                 mark = time.perf_counter()
                 voter = first_votes if t == 1 else None  # later rounds vote with their own parent
                 result = asyncio.run(run_round(parent, folder / "pool", target, config, voter=voter))
