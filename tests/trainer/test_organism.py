@@ -209,3 +209,33 @@ def test_the_sweep_reads_typed_training_variants() -> None:
     assert parse_variant("") == {}
     with pytest.raises(SystemExit, match="learnig_rate"):
         parse_variant("learnig_rate=1e-3")
+
+
+def test_the_bench_report_judges_the_issue_criteria_both_ways() -> None:
+    """The bench's criteria table reads the figures: a clear lift passes, a drifting control fails."""
+    from bench.organism import issue_criteria
+
+    def model(srcc: float, plcc: float, passed: bool | None = None) -> dict:
+        record: dict = {"heldout": {"srcc": srcc, "plcc": plcc}}
+        if passed is not None:
+            record["gate"] = {"passed": passed}
+            record["labels"] = {"label_accuracy": 0.7, "single_vote_accuracy": 0.6}
+        return record
+
+    def seed(gain: float, control_drift: float) -> dict:
+        return {
+            "models": {
+                "base": model(0.2, 0.2),
+                "organism r1": model(0.2 + gain / 2, 0.22, True),
+                "organism r2": model(0.2 + gain, 0.25, True),
+                "control r1": model(0.2, 0.2, False),
+                "control r2": model(0.2 + control_drift, 0.2, False),
+            }
+        }
+
+    good = issue_criteria({"seeds": {"0": seed(0.12, 0.01), "1": seed(0.10, -0.01)}}, rounds=2)
+    assert [met for _, _, met in good] == [True] * 6, good
+    bad = dict((name, met) for name, _, met in issue_criteria({"seeds": {"0": seed(0.05, -0.05)}}, 2))
+    assert not bad["SRCC after round 2 at least 0.10 above the base (mean over seeds)"]
+    assert not bad["shuffled-label control within 0.02 of the base (mean over seeds)"]
+    assert bad["PLCC after round 2 at least 15% above the base"]  # 0.2 -> 0.25 is +25%
