@@ -190,7 +190,9 @@ class Settings(BaseSettings):
         "0 = off.",
     )
     gate_max_parse_failure: float = Field(0.1, ge=0, le=1, description="Gate: most unparsable answers.")
-    gate_min_spread: float = Field(0.05, ge=0, description="Gate: least std of scores across images.")
+    gate_min_spread: float = Field(
+        0.05, ge=0, description="Gate: least std of scores across images (0: no check)."
+    )
     gate_min_spread_ratio: float = Field(
         0.8,
         ge=0,

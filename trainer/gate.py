@@ -46,7 +46,7 @@ class GateThresholds:
     # errors of it (one-sided; 1.645: a 5% chance that a model no better than that passes).
     agreement_z: float = 1.645
     max_parse_failure: float = 0.10
-    min_spread: float = 0.05  # std of per-image mean scores, on the 1-5 scale
+    min_spread: float = 0.05  # std of per-image mean scores, on the 1-5 scale; 0 switches it off
     # The candidate's read spread must keep this share of the active model's (a partial collapse); checked
     # only when the active model's read spread reaches `min_spread` (the untrained demo reads ~0.002).
     min_spread_ratio: float = 0.8
@@ -119,7 +119,9 @@ def judge(active: dict[str, Any], candidate: dict[str, Any], thresholds: GateThr
     checks["parse_failure_rate"] = {"candidate": failure, "max": thresholds.max_parse_failure}
 
     spread = candidate.get("spread")
-    if not _finite(spread) or spread < thresholds.min_spread:
+    # min_spread 0 switches the check off: then an unmeasurable spread (fewer than two images with a
+    # parsed answer) is no reason either; the parse-failure check speaks for such a candidate.
+    if thresholds.min_spread > 0 and (not _finite(spread) or spread < thresholds.min_spread):
         reasons.append(f"score spread {spread} is below {thresholds.min_spread}: the model has collapsed")
     checks["spread"] = {"active": active.get("spread"), "candidate": spread, "min": thresholds.min_spread}
 

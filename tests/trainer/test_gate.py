@@ -169,6 +169,17 @@ def test_the_spread_ratio_is_skipped_for_a_parent_whose_scores_barely_spread() -
     assert verdict.passed and "read_spread" not in verdict.checks
 
 
+def test_a_spread_floor_of_zero_switches_the_spread_check_off() -> None:
+    """With EVOQ_GATE_MIN_SPREAD=0 a candidate whose spread could not be measured (fewer than two images
+    with a parsed answer) is not refused for it; with the default floor it is."""
+    candidate = {"agreement": math.nan, "parse_failure_rate": 0.875, "spread": math.nan}
+    active = {"agreement": math.nan, "parse_failure_rate": 0.25, "spread": 0.92}
+    assert judge(active, candidate, GateThresholds(min_spread=0.0, max_parse_failure=1.0)).passed
+    refused = judge(active, candidate, GateThresholds(max_parse_failure=1.0))
+    assert not refused.passed
+    assert refused.reasons == ["score spread nan is below 0.05: the model has collapsed"]
+
+
 def test_unparsable_answers_are_rejected() -> None:
     candidate = {"agreement": math.nan, "parse_failure_rate": 1.0, "spread": math.nan}
     verdict = judge(ACTIVE, candidate, GateThresholds())
