@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1e-3,
         help="tuned on seed 3, checked on seed 5 (bench/results/organism-2026-12-04-lr.md); was 5e-4",
     )
+    parser.add_argument(
+        "--lora-rank", type=int, default=16, help="LoRA rank r; alpha is 2r, as at the default 16/32"
+    )
     parser.add_argument("--beta", type=float, default=0.05)
     parser.add_argument("--label-rule", choices=["hard", "soft"], default="hard", help="the paper's: hard")
     parser.add_argument(
@@ -99,6 +102,8 @@ def round_config(args: argparse.Namespace, seed: int) -> RoundConfig:
             images_per_step=args.images_per_step,
             learning_rate=args.learning_rate,
             lora=args.method == "lora",
+            lora_rank=args.lora_rank,
+            lora_alpha=2 * args.lora_rank,
             beta=args.beta,
         ),
     )

@@ -239,3 +239,13 @@ def test_the_bench_report_judges_the_issue_criteria_both_ways() -> None:
     assert not bad["SRCC after round 2 at least 0.10 above the base (mean over seeds)"]
     assert not bad["shuffled-label control within 0.02 of the base (mean over seeds)"]
     assert bad["PLCC after round 2 at least 15% above the base"]  # 0.2 -> 0.25 is +25%
+
+
+def test_the_bench_trains_at_the_lora_rank_it_is_given() -> None:
+    """`bench/organism.py --lora-rank r` reaches the GRPO settings with alpha 2r (16/32 by default)."""
+    from bench.organism import parse_args, round_config
+
+    default = round_config(parse_args(["--out", "unused"]), seed=3).train
+    assert (default.lora_rank, default.lora_alpha) == (TrainSettings().lora_rank, TrainSettings().lora_alpha)
+    wide = round_config(parse_args(["--out", "unused", "--lora-rank", "64"]), seed=3).train
+    assert (wide.lora_rank, wide.lora_alpha, wide.lora) == (64, 128, True)
