@@ -9,7 +9,10 @@ confound, and the gate's paired agreement gain. Every variant of a seed trains o
 first round votes, the others replay its `VotingResult` (same pairs, same split, same pseudo-labels),
 so the variants differ only in training (and in the training's own nondeterminism, about 0.01 SRCC).
 `--rounds 2` chains a second round per variant (it votes with its own parent, as the service does);
-`--shuffle-labels` makes them the shuffled-label control; other options are `bench/organism.py`'s.
+`--shuffle-labels` makes them the shuffled-label control; `--controls N` adds, per variant, N round-1
+control rounds on the same votes (the first with the real round 1's seed, so it differs from it only in
+the permuted labels; the others with other seeds, so that one control's spread can be seen); other
+options are `bench/organism.py`'s.
 Writes `DIR/sweep.md` and `DIR/sweep.json`; the last line printed names the best variant by mean
 change in SRCC.
 """
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[""])
     parser.add_argument("--rounds", type=int, default=1, help="chain this many rounds per variant")
     parser.add_argument("--shuffle-labels", action="store_true", help="the shuffled-label control rounds")
+    parser.add_argument("--controls", type=int, default=0, help="round-1 controls per variant, same votes")
     own, rest = parser.parse_known_args()
     args = organism_args(["--out", str(own.out), *rest])  # the organism bench's round settings
 
@@ -99,22 +103,29 @@ def main() -> None:
         first_votes = ReplayVoter()  # every variant's round 1 votes with the base: one vote serves all
         for variant in own.variants:
             parent = base
-            for t in range(1, own.rounds + 1):
-                config = round_config(args, seed * 100 + t)
+            # (round, shuffled?, seed): the variant's chained rounds, then its round-1 controls
+            runs = [(t, own.shuffle_labels, seed * 100 + t) for t in range(1, own.rounds + 1)]
+            runs += [(1, True, seed * 100 + 1 + 1000 * r) for r in range(own.controls)]
+            for t, shuffled, round_seed in runs:
+                config = round_config(args, round_seed)
                 config = replace(
                     config,
-                    shuffle_labels=own.shuffle_labels,
+                    shuffle_labels=shuffled,
                     train=replace(config.train, **parse_variant(variant)),
                 )
                 target = folder / f"sweep-{len(rows):02d}"
                 mark = time.perf_counter()
                 voter = first_votes if t == 1 else None  # later rounds vote with their own parent
+                if shuffled and not own.shuffle_labels:
+                    parent = base
                 result = asyncio.run(run_round(parent, folder / "pool", target, config, voter=voter))
                 metrics = result.manifest["metrics"]
                 paired = paired_gain(
                     metrics["before"].get("holdout_read_pairs"), metrics["after"].get("holdout_read_pairs")
                 )
                 name = f"{variant or 'defaults'} r{t}"
+                if shuffled and not own.shuffle_labels:
+                    name = f"{variant or 'defaults'} control seed {round_seed}"
                 rows[name] = {
                     **evaluate(result.path),
                     "gate_gain": paired[0] if paired else None,
@@ -168,13 +179,26 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {np.mean(d_srcc):+.3f} | {np.mean(d_plcc):+.3f} |"
         )
-        if best is None or np.mean(d_srcc) > best[1]:
+        if " control seed " not in name and (best is None or np.mean(d_srcc) > best[1]):
             best = (name, float(np.mean(d_srcc)))
     base_rows = {s: results["seeds"][s]["base"] for s in seeds}
     bases = ", ".join(
         f"seed {s} SRCC {b['srcc']:.3f} slopes {b['slopes']['mos']:.2f}, {b['slopes']['content']:.2f}"
         for s, b in base_rows.items()
     )
+    controls: dict[str, list[float]] = {}  # variant -> ΔSRCC of each of its controls on every seed
+    for rows in results["seeds"].values():
+        for name, row in rows.items():
+            if " control seed " in name:
+                controls.setdefault(name.split(" control seed ")[0], []).append(
+                    row["srcc"] - rows["base"]["srcc"]
+                )
+    for variant, deltas in controls.items():
+        spread = np.std(deltas, ddof=1) if len(deltas) > 1 else 0.0
+        lines.append(
+            f"\nControls of {variant}: mean ΔSRCC {np.mean(deltas):+.3f}, sd {spread:.3f}, "
+            f"range {min(deltas):+.3f} to {max(deltas):+.3f} ({len(deltas)} rounds)"
+        )
     text = "\n".join([f"Bases: {bases}", "", *lines, ""])
     (out / "sweep.md").write_text(text)
     if best:

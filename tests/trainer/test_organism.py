@@ -211,6 +211,25 @@ def test_the_sweep_reads_typed_training_variants() -> None:
         parse_variant("learnig_rate=1e-3")
 
 
+def test_the_sweep_report_summarises_the_controls_apart_from_the_variants(tmp_path: Path) -> None:
+    """Controls get their own mean and spread line, and never win the sweep's best variant."""
+    from bench.organism_sweep import write_report
+
+    def row(srcc: float) -> dict:
+        return {"srcc": srcc, "plcc": srcc, "slopes": {"mos": 1.0, "content": 0.5}, "gate_gain": 0.0}
+
+    def seed(real: float, controls: list[float]) -> dict:
+        rows = {"base": row(0.2), "defaults r1": row(0.2 + real)}
+        rows |= {f"defaults control seed {301 + 1000 * r}": row(0.2 + c) for r, c in enumerate(controls)}
+        return rows
+
+    results = {"seeds": {"3": seed(0.05, [0.3, -0.1]), "4": seed(0.07, [0.1, -0.2])}}
+    text = write_report(tmp_path, results)
+    assert "Controls of defaults: mean ΔSRCC +0.025, sd 0.222, range -0.200 to +0.300 (4 rounds)" in text
+    assert text.endswith("best variant by mean ΔSRCC: defaults r1 (+0.060)")
+    assert (tmp_path / "sweep.md").read_text() in text
+
+
 def test_the_bench_report_judges_the_issue_criteria_both_ways() -> None:
     """The bench's criteria table reads the figures: a clear lift passes, a drifting control fails."""
     from bench.organism import issue_criteria
