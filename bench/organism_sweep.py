@@ -40,6 +40,8 @@ from trainer.config import TrainSettings  # noqa: E402
 from trainer.round import run_round  # noqa: E402
 from trainer.voting import VotingResult, vote_pairs  # noqa: E402
 
+CONTROL = "control #"  # a round-1 control's name: "<variant> control #<replicate>"
+
 
 def parse_variant(text: str) -> dict[str, Any]:
     """`"learning_rate=1e-3;steps=120"` -> typed `TrainSettings` overrides ("" -> none)."""
@@ -103,10 +105,10 @@ def main() -> None:
         first_votes = ReplayVoter()  # every variant's round 1 votes with the base: one vote serves all
         for variant in own.variants:
             parent = base
-            # (round, shuffled?, seed): the variant's chained rounds, then its round-1 controls
-            runs = [(t, own.shuffle_labels, seed * 100 + t) for t in range(1, own.rounds + 1)]
-            runs += [(1, True, seed * 100 + 1 + 1000 * r) for r in range(own.controls)]
-            for t, shuffled, round_seed in runs:
+            # (round, shuffled?, seed, name): the variant's chained rounds, then its round-1 controls
+            runs = [(t, own.shuffle_labels, seed * 100 + t, f"r{t}") for t in range(1, own.rounds + 1)]
+            runs += [(1, True, seed * 100 + 1 + 1000 * r, f"{CONTROL}{r + 1}") for r in range(own.controls)]
+            for t, shuffled, round_seed, suffix in runs:
                 config = round_config(args, round_seed)
                 config = replace(
                     config,
@@ -116,16 +118,14 @@ def main() -> None:
                 target = folder / f"sweep-{len(rows):02d}"
                 mark = time.perf_counter()
                 voter = first_votes if t == 1 else None  # later rounds vote with their own parent
-                if shuffled and not own.shuffle_labels:
+                if suffix.startswith(CONTROL):  # every control is a round 1 from the base
                     parent = base
                 result = asyncio.run(run_round(parent, folder / "pool", target, config, voter=voter))
                 metrics = result.manifest["metrics"]
                 paired = paired_gain(
                     metrics["before"].get("holdout_read_pairs"), metrics["after"].get("holdout_read_pairs")
                 )
-                name = f"{variant or 'defaults'} r{t}"
-                if shuffled and not own.shuffle_labels:
-                    name = f"{variant or 'defaults'} control seed {round_seed}"
+                name = f"{variant or 'defaults'} {suffix}"
                 rows[name] = {
                     **evaluate(result.path),
                     "gate_gain": paired[0] if paired else None,
@@ -179,7 +179,7 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {np.mean(d_srcc):+.3f} | {np.mean(d_plcc):+.3f} |"
         )
-        if " control seed " not in name and (best is None or np.mean(d_srcc) > best[1]):
+        if CONTROL not in name and (best is None or np.mean(d_srcc) > best[1]):
             best = (name, float(np.mean(d_srcc)))
     base_rows = {s: results["seeds"][s]["base"] for s in seeds}
     bases = ", ".join(
@@ -189,8 +189,8 @@ def write_report(out: Path, results: dict[str, Any]) -> str:
     controls: dict[str, list[float]] = {}  # variant -> ΔSRCC of each of its controls on every seed
     for rows in results["seeds"].values():
         for name, row in rows.items():
-            if " control seed " in name:
-                controls.setdefault(name.split(" control seed ")[0], []).append(
+            if CONTROL in name:
+                controls.setdefault(name.split(f" {CONTROL}")[0], []).append(
                     row["srcc"] - rows["base"]["srcc"]
                 )
     for variant, deltas in controls.items():

@@ -220,7 +220,7 @@ def test_the_sweep_report_summarises_the_controls_apart_from_the_variants(tmp_pa
 
     def seed(real: float, controls: list[float]) -> dict:
         rows = {"base": row(0.2), "defaults r1": row(0.2 + real)}
-        rows |= {f"defaults control seed {301 + 1000 * r}": row(0.2 + c) for r, c in enumerate(controls)}
+        rows |= {f"defaults control #{r + 1}": row(0.2 + c) for r, c in enumerate(controls)}
         return rows
 
     results = {"seeds": {"3": seed(0.05, [0.3, -0.1]), "4": seed(0.07, [0.1, -0.2])}}
