@@ -311,7 +311,8 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
     """Issue 13's "what it must show", checked on the figures: (criterion, measured, met).
 
     Means over seeds, as the issue states them; the report prints them so a run judges itself and a
-    miss is as visible as a pass.
+    miss is as visible as a pass. One supplement, marked as such, compares the slope on true quality of
+    the last round and its control.
     """
     seeds = list(results["seeds"].values())
     last = f"organism r{rounds}"
@@ -348,6 +349,29 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
                 bool(abs(np.mean(drift)) <= 0.02),
             )
         )
+        with_slopes = [s["models"] for s in seeds if "slopes" in s["models"][control]["heldout"]]
+        if with_slopes and all(last in models for models in with_slopes):
+            # Not one of the issue's criteria: SRCC mixes the quality signal with the warm-up's content
+            # confound, which a control's random updates move either way; the slope on true quality
+            # does not, so it tells learning from noise where SRCC cannot.
+            rise = {
+                arm: [
+                    m[arm]["heldout"]["slopes"]["mos"] - m["base"]["heldout"]["slopes"]["mos"]
+                    for m in with_slopes
+                ]
+                for arm in (last, control)
+            }
+            per_seed = ", ".join(
+                f"{r:+.3f} against {c:+.3f}" for r, c in zip(rise[last], rise[control], strict=True)
+            )
+            criteria.append(
+                (
+                    f"supplement, not the issue's: the slope on true quality rises more in round {rounds} "
+                    "than in its control, on every seed",
+                    f"per seed {per_seed}",
+                    all(r > c for r, c in zip(rise[last], rise[control], strict=True)),
+                )
+            )
     labels = [m["labels"] for s in seeds for n, m in s["models"].items() if n.startswith("organism r")]
     if labels:
         above = sum(x["label_accuracy"] > x["single_vote_accuracy"] for x in labels)

@@ -260,6 +260,39 @@ def test_the_bench_report_judges_the_issue_criteria_both_ways() -> None:
     assert bad["PLCC after round 2 at least 15% above the base"]  # 0.2 -> 0.25 is +25%
 
 
+def test_the_bench_report_tells_a_quality_slope_rise_from_a_control_that_drifts() -> None:
+    """The supplement row passes only where the last round's slope on true quality rises more than its
+    control's on every seed, whatever SRCC did."""
+    from bench.organism import issue_criteria
+
+    def seed(round_slope: float, control_slope: float) -> dict:
+        def model(slope: float) -> dict:
+            return {
+                "heldout": {"srcc": 0.2, "plcc": 0.2, "slopes": {"mos": slope, "content": 1.0, "sd": 0.5}},
+                "gate": {"passed": False},
+                "labels": {"label_accuracy": 0.7, "single_vote_accuracy": 0.6},
+            }
+
+        return {
+            "models": {
+                "base": model(0.2),
+                "organism r1": model(round_slope),
+                "control r1": model(control_slope),
+            }
+        }
+
+    name = (
+        "supplement, not the issue's: the slope on true quality rises more in round 1 than in its "
+        "control, on every seed"
+    )
+    learns = dict(
+        (n, (measured, met)) for n, measured, met in issue_criteria({"seeds": {"3": seed(0.4, 0.1)}}, 1)
+    )
+    assert learns[name] == ("per seed +0.200 against -0.100", True)
+    mixed = {"seeds": {"3": seed(0.4, 0.1), "4": seed(0.25, 0.3)}}
+    assert dict((n, met) for n, _, met in issue_criteria(mixed, 1))[name] is False
+
+
 def test_the_bench_trains_at_the_lora_rank_it_is_given() -> None:
     """`bench/organism.py --lora-rank r` reaches the GRPO settings with alpha 2r (16/32 by default)."""
     from bench.organism import parse_args, round_config
