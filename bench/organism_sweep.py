@@ -104,7 +104,6 @@ def main() -> None:
         print(f"[seed {seed}] base SRCC {rows['base']['srcc']:.3f}", flush=True)
         first_votes = ReplayVoter()  # every variant's round 1 votes with the base: one vote serves all
         for variant in own.variants:
-            parent = base
             # (round, shuffled?, seed, name): the variant's chained rounds, then its round-1 controls
             runs = [(t, own.shuffle_labels, seed * 100 + t, f"r{t}") for t in range(1, own.rounds + 1)]
             runs += [(1, True, seed * 100 + 1 + 1000 * r, f"{CONTROL}{r + 1}") for r in range(own.controls)]
@@ -118,7 +117,7 @@ def main() -> None:
                 target = folder / f"sweep-{len(rows):02d}"
                 mark = time.perf_counter()
                 voter = first_votes if t == 1 else None  # later rounds vote with their own parent
-                if suffix.startswith(CONTROL):  # every control is a round 1 from the base
+                if t == 1:  # the variant's round 1 and each of its controls start from the base
                     parent = base
                 result = asyncio.run(run_round(parent, folder / "pool", target, config, voter=voter))
                 metrics = result.manifest["metrics"]
