@@ -2,13 +2,19 @@
 
 `.venv/bin/python bench/organism.py --out DIR` builds (or reuses) the organism base for each seed, writes
 an unlabeled round pool, runs T rounds (default 2) with `trainer.round.run_round`, the code the service
-runs, and the same rounds with the pseudo-labels shuffled (the control), and reports per round:
+runs, and the same rounds with the pseudo-labels shuffled (the control; `--controls N` runs N of them,
+each a chain of T rounds from the base, and judges their mean), and reports per round:
 PLCC / SRCC / KRCC on the held-out split and on the ten reserved photos (deterministic expected scores,
 with 95% intervals from resampling references), the accuracy of the pseudo-labels and of single votes
 against the true order (read only for this report), and the gate's verdict. Layout:
-`DIR/seed<S>/{base, pool, v001, v002, control/v001, ...}`, `DIR/report.md`, `DIR/organism.png`,
+`DIR/seed<S>/{base, pool, v001, v002, control/v001, control-2/v001, ...}`, `DIR/report.md`,
+`DIR/organism.png`,
 `DIR/results.json`. The last line printed is
-`organism: SRCC base X -> round 1 Y -> round 2 Z; control W` (means over seeds).
+`organism: SRCC base X -> round 1 Y -> round 2 Z; control W` (means over seeds; W over their controls).
+
+Every round 1 (the organism's and each control's) trains on the same votes of the base: the first
+votes, the others replay its result, so control #1, which also has the round's seed, differs from
+round 1 only in the permuted labels. Later rounds vote with their own parent, as the service does.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import shutil
 import sys
 import time
@@ -30,6 +37,21 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import RoundConfig, TrainSettings  # noqa: E402
 from trainer.round import run_round  # noqa: E402
+from trainer.voting import VotingResult, vote_pairs  # noqa: E402
+
+CONTROL = re.compile(r"^control(?: #(\d+))? r(\d+)$")  # "control r2" (#1), "control #2 r1", ...
+
+
+class ReplayVoter:
+    """Votes once with `vote_pairs`, then hands every later round the same result."""
+
+    def __init__(self) -> None:
+        self.result: VotingResult | None = None
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> VotingResult:
+        if self.result is None:
+            self.result = await vote_pairs(*args, **kwargs)
+        return self.result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-control", action="store_true", help="skip the shuffled-label control")
+    parser.add_argument(
+        "--controls",
+        type=int,
+        default=1,
+        help="shuffled-label control chains per seed (one control's SRCC drifts by about 0.03 either "
+        "way: bench/results/organism-2026-12-05-controls.md); the criterion reads their mean",
+    )
     parser.add_argument("--rebuild", action="store_true", help="build the bases again even if present")
     parser.add_argument("--pool-references", type=int, default=48)
     parser.add_argument("--pool-per-reference", type=int, default=6)
@@ -110,13 +139,27 @@ def round_config(args: argparse.Namespace, seed: int) -> RoundConfig:
     return config
 
 
+def control_arms(args: argparse.Namespace) -> list[str]:
+    """The control chains: `control` (replicate 1, the name every earlier run used), `control #2`, ..."""
+    if args.no_control:
+        return []
+    return ["control"] + [f"control #{k}" for k in range(2, args.controls + 1)]
+
+
 def arms(args: argparse.Namespace) -> list[str]:
-    """The round series of a run: plain rounds, then the shuffled-label control, then variant rounds."""
-    return (
-        ["organism"]
-        + ([] if args.no_control else ["control"])
-        + (["variants"] if args.variants_per_image else [])
-    )
+    """The round series of a run: plain rounds, then the shuffled-label controls, then variant rounds."""
+    return ["organism"] + control_arms(args) + (["variants"] if args.variants_per_image else [])
+
+
+def replicate(arm: str) -> int:
+    """A control arm's replicate number (1 for `control`); its rounds' seeds are offset by 1000 per
+    replicate after the first, so replicate 1 has the organism's seeds."""
+    return int(arm.split("#")[1]) if "#" in arm else 1
+
+
+def controls_at(models: dict[str, Any], t: int) -> list[dict[str, Any]]:
+    """The controls' models after round `t`, one per replicate."""
+    return [m for name, m in models.items() if (hit := CONTROL.match(name)) and int(hit.group(2)) == t]
 
 
 def arm_names(arm: str, args: argparse.Namespace) -> list[str]:
@@ -145,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         recorded = results["args"]  # the run's shape, not this command line's
         args.rounds = int(recorded["rounds"])
         args.no_control = recorded["no_control"] == "True"
+        args.controls = int(recorded.get("controls", 1))
         args.variants_per_image = int(recorded["variants_per_image"])
         print(write_report(args.out, results, args))
         plot(args.out, results, args)
@@ -202,19 +246,23 @@ def main(argv: list[str] | None = None) -> None:
         seed_started = time.perf_counter()
         models: dict[str, dict[str, Any]] = {"base": {"path": str(base), **evaluate(base)}}
         print(f"[seed {seed}] base: {_line(models['base'])}", flush=True)
+        first_votes = ReplayVoter()  # every round 1 votes with the base: one vote serves them all
         for arm in arms(args):
             parent = base
+            control = arm in control_arms(args)
             for t in range(1, args.rounds + 1):
                 if arm == "variants" and t == 1:  # the paper adds variants in round 2: share round 1
                     parent = Path(models["organism r1"]["path"])
                     continue
+                offset = 1000 * (replicate(arm) - 1) if control else 0
                 config = replace(
-                    round_config(args, seed * 100 + t),
-                    shuffle_labels=arm == "control",
+                    round_config(args, seed * 100 + t + offset),
+                    shuffle_labels=control,
                     variants_per_image=args.variants_per_image if arm == "variants" else 0,
                 )
-                target = folder if arm == "organism" else folder / arm
-                result = asyncio.run(run_round(parent, folder / "pool", target, config))
+                target = folder if arm == "organism" else folder / arm.replace(" #", "-")
+                voter = first_votes if t == 1 else None
+                result = asyncio.run(run_round(parent, folder / "pool", target, config, voter=voter))
                 rows = json.loads((result.path / "pseudo_labels.json").read_text())
                 metrics = result.manifest["metrics"]
                 verdict = judge(
@@ -339,37 +387,51 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
                 bool(np.mean(plcc) >= 15.0),
             )
         )
-    control = f"control r{rounds}"
-    if all(control in s["models"] for s in seeds):
-        drift = [s["models"][control]["heldout"]["srcc"] - b for s, b in zip(seeds, base_srcc, strict=True)]
+    controls = [controls_at(s["models"], rounds) for s in seeds]
+    if all(controls):
+        # One control's SRCC drifts by about 0.03 either way, so a seed's control is its replicates' mean.
+        each = [[c["heldout"]["srcc"] - b for c in cs] for cs, b in zip(controls, base_srcc, strict=True)]
+        drift = [float(np.mean(d)) for d in each]
+        measured = _mean_per_seed(drift, "+.3f")
+        singles = [d for per_seed in each for d in per_seed]
+        if len(singles) > len(drift):
+            measured += (
+                f"; {len(singles) // len(drift)} controls per seed, single controls sd "
+                f"{np.std(singles, ddof=1):.3f}, range {min(singles):+.3f} to {max(singles):+.3f}"
+            )
         criteria.append(
             (
                 "shuffled-label control within 0.02 of the base (mean over seeds)",
-                _mean_per_seed(drift, "+.3f"),
+                measured,
                 bool(abs(np.mean(drift)) <= 0.02),
             )
         )
-        with_slopes = [s["models"] for s in seeds if "slopes" in s["models"][control]["heldout"]]
-        if with_slopes and all(last in models for models in with_slopes):
+        if all(last in s["models"] for s in seeds) and all(
+            "slopes" in c["heldout"] for cs in controls for c in cs
+        ):
             # Not one of the issue's criteria: SRCC mixes the quality signal with the warm-up's content
             # confound, which a control's random updates move either way; the slope on true quality
             # does not, so it tells learning from noise where SRCC cannot.
+            base_slope = [s["models"]["base"]["heldout"]["slopes"]["mos"] for s in seeds]
             rise = {
-                arm: [
-                    m[arm]["heldout"]["slopes"]["mos"] - m["base"]["heldout"]["slopes"]["mos"]
-                    for m in with_slopes
-                ]
-                for arm in (last, control)
+                "round": [
+                    s["models"][last]["heldout"]["slopes"]["mos"] - b
+                    for s, b in zip(seeds, base_slope, strict=True)
+                ],
+                "control": [
+                    float(np.mean([c["heldout"]["slopes"]["mos"] for c in cs])) - b
+                    for cs, b in zip(controls, base_slope, strict=True)
+                ],
             }
             per_seed = ", ".join(
-                f"{r:+.3f} against {c:+.3f}" for r, c in zip(rise[last], rise[control], strict=True)
+                f"{r:+.3f} against {c:+.3f}" for r, c in zip(rise["round"], rise["control"], strict=True)
             )
             criteria.append(
                 (
                     f"supplement, not the issue's: the slope on true quality rises more in round {rounds} "
                     "than in its control, on every seed",
                     f"per seed {per_seed}",
-                    all(r > c for r, c in zip(rise[last], rise[control], strict=True)),
+                    all(r > c for r, c in zip(rise["round"], rise["control"], strict=True)),
                 )
             )
     labels = [m["labels"] for s in seeds for n, m in s["models"].items() if n.startswith("organism r")]
@@ -385,8 +447,10 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
             )
         )
     verdicts = {
-        arm: [m["gate"]["passed"] for s in seeds for n, m in s["models"].items() if n.startswith(arm)]
-        for arm in ("organism r1", "control r")
+        "organism r1": [
+            s["models"]["organism r1"]["gate"]["passed"] for s in seeds if "organism r1" in s["models"]
+        ],
+        "control r": [m["gate"]["passed"] for s in seeds for n, m in s["models"].items() if CONTROL.match(n)],
     }
     if verdicts["organism r1"]:
         promoted = sum(verdicts["organism r1"])
@@ -549,10 +613,17 @@ def plot(out: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
         "control": ("tab:grey", "control (shuffled pseudo-labels)"),
         "variants": ("tab:purple", f"rounds 2+ with {args.variants_per_image} variants per image"),
     }
-    for arm in arms(args):
-        colour, label = style[arm]
-        names = arm_names(arm, args)
-        per_seed = [[s["models"][n]["heldout"]["srcc"] for n in names] for s in results["seeds"].values()]
+    for group in ("organism", "control", "variants"):
+        members = [arm for arm in arms(args) if arm.split(" #")[0] == group]
+        if not members:
+            continue
+        colour, label = style[group]
+        per_seed = [  # a seed's controls are averaged into one line, as the criterion reads them
+            np.mean([[s["models"][n]["heldout"]["srcc"] for n in arm_names(arm, args)] for arm in members], 0)
+            for s in results["seeds"].values()
+        ]
+        if len(members) > 1:
+            label += f", mean of {len(members)}"
         for series in per_seed:
             left.plot(rounds, series, color=colour, alpha=0.3, linewidth=1)
         left.plot(rounds, np.mean(per_seed, 0), color=colour, linewidth=2.5, marker="o", label=label)
@@ -586,7 +657,11 @@ def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:
         f"round {t} {np.mean(_series(results, f'organism r{t}', 'heldout', 'srcc')):.3f}"
         for t in range(1, args.rounds + 1)
     ]
-    control = _series(results, f"control r{args.rounds}", "heldout", "srcc")
+    control = [
+        np.mean([c["heldout"]["srcc"] for c in cs])
+        for s in results["seeds"].values()
+        if (cs := controls_at(s["models"], args.rounds))
+    ]
     tail = f"; control {np.mean(control):.3f}" if control else ""
     variants = _series(results, f"variants r{args.rounds}", "heldout", "srcc")
     tail += f"; with variants {np.mean(variants):.3f}" if variants else ""

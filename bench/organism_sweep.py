@@ -34,11 +34,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.organism import ReplayVoter, round_config, write_pool  # noqa: E402
 from bench.organism import parse_args as organism_args  # noqa: E402
-from bench.organism import round_config, write_pool  # noqa: E402
 from trainer.config import TrainSettings  # noqa: E402
 from trainer.round import run_round  # noqa: E402
-from trainer.voting import VotingResult, vote_pairs  # noqa: E402
 
 CONTROL = "control #"  # a round-1 control's name: "<variant> control #<replicate>"
 
@@ -54,18 +53,6 @@ def parse_variant(text: str) -> dict[str, Any]:
         kind = next(t for t in typing.get_args(hints[key]) or (hints[key],) if t is not type(None))
         overrides[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
     return overrides
-
-
-class ReplayVoter:
-    """Votes once with `vote_pairs`, then hands every later round the same result."""
-
-    def __init__(self) -> None:
-        self.result: VotingResult | None = None
-
-    async def __call__(self, *args: Any, **kwargs: Any) -> VotingResult:
-        if self.result is None:
-            self.result = await vote_pairs(*args, **kwargs)
-        return self.result
 
 
 def main() -> None:

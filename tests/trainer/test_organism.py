@@ -301,3 +301,33 @@ def test_the_bench_trains_at_the_lora_rank_it_is_given() -> None:
     assert (default.lora_rank, default.lora_alpha) == (TrainSettings().lora_rank, TrainSettings().lora_alpha)
     wide = round_config(parse_args(["--out", "unused", "--lora-rank", "64"]), seed=3).train
     assert (wide.lora_rank, wide.lora_alpha, wide.lora) == (64, 128, True)
+
+
+def test_the_bench_judges_the_control_on_the_mean_of_its_replicates() -> None:
+    """With `--controls N` a seed's control is its replicates' mean: two that drift apart average out,
+    one control chain that drifts alone fails; the summary line prints the mean too."""
+    from bench.organism import issue_criteria, parse_args, summary_line
+
+    def model(srcc: float) -> dict:
+        return {
+            "heldout": {"srcc": srcc, "plcc": srcc},
+            "gate": {"passed": False},
+            "labels": {"label_accuracy": 0.7, "single_vote_accuracy": 0.6},
+        }
+
+    def seed(drifts: list[float]) -> dict:
+        names = ["control"] + [f"control #{k}" for k in range(2, len(drifts) + 1)]
+        models = {"base": model(0.3), "organism r1": model(0.4)}
+        return {"models": models | {f"{n} r1": model(0.3 + d) for n, d in zip(names, drifts, strict=True)}}
+
+    name = "shuffled-label control within 0.02 of the base (mean over seeds)"
+    cancels = {"seeds": {"6": seed([0.05, -0.05, 0.01])}}
+    judged = {n: (measured, met) for n, measured, met in issue_criteria(cancels, 1)}
+    assert judged[name] == (
+        "+0.003 (per seed +0.003); 3 controls per seed, single controls sd 0.050, range -0.050 to +0.050",
+        True,
+    )
+    alone = {n: met for n, _, met in issue_criteria({"seeds": {"6": seed([0.05])}}, 1)}
+    assert alone[name] is False
+    args = parse_args(["--out", "unused", "--rounds", "1", "--controls", "3"])
+    assert summary_line(cancels, args) == "organism: SRCC base 0.300 -> round 1 0.400; control 0.303"
