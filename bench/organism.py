@@ -8,8 +8,7 @@ PLCC / SRCC / KRCC on the held-out split and on the ten reserved photos (determi
 with 95% intervals from resampling references), the accuracy of the pseudo-labels and of single votes
 against the true order (read only for this report), and the gate's verdict. Layout:
 `DIR/seed<S>/{base, pool, v001, v002, control/v001, control-2/v001, ...}`, `DIR/report.md`,
-`DIR/organism.png`,
-`DIR/results.json`. The last line printed is
+`DIR/organism.png`, `DIR/results.json`. The last line printed is
 `organism: SRCC base X -> round 1 Y -> round 2 Z; control W` (means over seeds; W over their controls).
 
 Every round 1 (the organism's and each control's) trains on the same votes of the base: the first
@@ -39,7 +38,7 @@ from trainer.config import RoundConfig, TrainSettings  # noqa: E402
 from trainer.round import run_round  # noqa: E402
 from trainer.voting import VotingResult, vote_pairs  # noqa: E402
 
-CONTROL = re.compile(r"^control(?: #(\d+))? r(\d+)$")  # "control r2" (#1), "control #2 r1", ...
+CONTROL_MODEL = re.compile(r"^control(?: #(\d+))? r(\d+)$")  # "control r2" (#1), "control #2 r1", ...
 
 
 class ReplayVoter:
@@ -151,15 +150,9 @@ def arms(args: argparse.Namespace) -> list[str]:
     return ["organism"] + control_arms(args) + (["variants"] if args.variants_per_image else [])
 
 
-def replicate(arm: str) -> int:
-    """A control arm's replicate number (1 for `control`); its rounds' seeds are offset by 1000 per
-    replicate after the first, so replicate 1 has the organism's seeds."""
-    return int(arm.split("#")[1]) if "#" in arm else 1
-
-
 def controls_at(models: dict[str, Any], t: int) -> list[dict[str, Any]]:
     """The controls' models after round `t`, one per replicate."""
-    return [m for name, m in models.items() if (hit := CONTROL.match(name)) and int(hit.group(2)) == t]
+    return [m for name, m in models.items() if (hit := CONTROL_MODEL.match(name)) and int(hit.group(2)) == t]
 
 
 def arm_names(arm: str, args: argparse.Namespace) -> list[str]:
@@ -250,11 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         for arm in arms(args):
             parent = base
             control = arm in control_arms(args)
+            # Replicate k's seeds are offset by 1000 (k - 1): replicate 1 has the organism's seeds.
+            offset = 1000 * control_arms(args).index(arm) if control else 0
             for t in range(1, args.rounds + 1):
                 if arm == "variants" and t == 1:  # the paper adds variants in round 2: share round 1
                     parent = Path(models["organism r1"]["path"])
                     continue
-                offset = 1000 * (replicate(arm) - 1) if control else 0
                 config = replace(
                     round_config(args, seed * 100 + t + offset),
                     shuffle_labels=control,
@@ -450,7 +444,9 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
         "organism r1": [
             s["models"]["organism r1"]["gate"]["passed"] for s in seeds if "organism r1" in s["models"]
         ],
-        "control r": [m["gate"]["passed"] for s in seeds for n, m in s["models"].items() if CONTROL.match(n)],
+        "control r": [
+            m["gate"]["passed"] for s in seeds for n, m in s["models"].items() if CONTROL_MODEL.match(n)
+        ],
     }
     if verdicts["organism r1"]:
         promoted = sum(verdicts["organism r1"])
@@ -613,8 +609,9 @@ def plot(out: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
         "control": ("tab:grey", "control (shuffled pseudo-labels)"),
         "variants": ("tab:purple", f"rounds 2+ with {args.variants_per_image} variants per image"),
     }
-    for group in ("organism", "control", "variants"):
-        members = [arm for arm in arms(args) if arm.split(" #")[0] == group]
+    groups = {"organism": ["organism"], "control": control_arms(args)}
+    groups["variants"] = ["variants"] if args.variants_per_image else []
+    for group, members in groups.items():
         if not members:
             continue
         colour, label = style[group]
