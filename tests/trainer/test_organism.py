@@ -253,11 +253,45 @@ def test_the_bench_report_judges_the_issue_criteria_both_ways() -> None:
         }
 
     good = issue_criteria({"seeds": {"0": seed(0.12, 0.01), "1": seed(0.10, -0.01)}}, rounds=2)
-    assert [met for _, _, met in good] == [True] * 6, good
+    assert [met for _, _, met in good] == [True] * 7, good
     bad = dict((name, met) for name, _, met in issue_criteria({"seeds": {"0": seed(0.05, -0.05)}}, 2))
     assert not bad["SRCC after round 2 at least 0.10 above the base (mean over seeds)"]
     assert not bad["shuffled-label control within 0.02 of the base (mean over seeds)"]
     assert bad["PLCC after round 2 at least 15% above the base"]  # 0.2 -> 0.25 is +25%
+
+
+def test_the_bench_report_judges_the_model_the_gate_serves() -> None:
+    """The served-model row reads the last round of the unbroken chain the gate promoted: a refused
+    round 2 leaves round 1 served, a refused round 1 leaves the base and drops the row."""
+    from bench.organism import issue_criteria, served_model
+
+    def model(srcc: float, passed: bool) -> dict:
+        labels = {"label_accuracy": 0.7, "single_vote_accuracy": 0.6}
+        return {"heldout": {"srcc": srcc, "plcc": srcc}, "gate": {"passed": passed}, "labels": labels}
+
+    def seed(r1: tuple[float, bool], r2: tuple[float, bool]) -> dict:
+        return {
+            "models": {
+                "base": {"heldout": {"srcc": 0.2, "plcc": 0.2}},
+                "organism r1": model(*r1),
+                "organism r2": model(*r2),
+            }
+        }
+
+    refused_r2 = seed((0.32, True), (0.25, False))
+    assert served_model(refused_r2["models"], 2) == "organism r1"
+    assert served_model(seed((0.32, False), (0.4, True))["models"], 2) == "base"
+    name = (
+        "supplement, not the issue's: SRCC of the model the gate serves after 2 rounds (its last "
+        "promoted round) at least 0.10 above the base"
+    )
+    judged = {
+        n: (m, met)
+        for n, m, met in issue_criteria({"seeds": {"6": refused_r2, "7": seed((0.3, True), (0.35, True))}}, 2)
+    }
+    assert judged[name] == ("+0.135 (per seed +0.120 (r1), +0.150 (r2))", True)
+    unserved = issue_criteria({"seeds": {"6": seed((0.32, False), (0.4, True))}}, 2)
+    assert name not in {n for n, _, _ in unserved}
 
 
 def test_the_bench_report_tells_a_quality_slope_rise_from_a_control_that_drifts() -> None:
