@@ -152,7 +152,7 @@ def arms(args: argparse.Namespace) -> list[str]:
 
 def controls_at(models: dict[str, Any], t: int) -> list[dict[str, Any]]:
     """The controls' models after round `t`, one per replicate."""
-    return [m for name, m in models.items() if (hit := CONTROL_MODEL.match(name)) and int(hit.group(2)) == t]
+    return [m for name, m in models.items() if _control_round(name) == t]
 
 
 def arm_names(arm: str, args: argparse.Namespace) -> list[str]:
@@ -349,6 +349,12 @@ def _mean_per_seed(values: list[float], spec: str, unit: str = "") -> str:
     return f"{np.mean(values):{spec}}{unit} (per seed {per_seed})"
 
 
+def _control_round(name: str) -> int:
+    """A control model's round number, 0 if `name` is no control."""
+    match = CONTROL_MODEL.match(name)
+    return int(match.group(2)) if match else 0
+
+
 def served_model(models: dict[str, Any], rounds: int) -> str:
     """The model a service following the gate serves after `rounds` rounds: the last round of the
     unbroken chain of promoted rounds ("base" if round 1 was refused). A refused round is never
@@ -470,32 +476,35 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
                 above == len(labels),
             )
         )
-    verdicts = {
-        "organism r1": [
-            s["models"]["organism r1"]["gate"]["passed"] for s in seeds if "organism r1" in s["models"]
-        ],
-        "control r": [
-            m["gate"]["passed"] for s in seeds for n, m in s["models"].items() if CONTROL_MODEL.match(n)
-        ],
-    }
-    if verdicts["organism r1"]:
-        promoted = sum(verdicts["organism r1"])
+    promoted_r1 = [
+        s["models"]["organism r1"]["gate"]["passed"] for s in seeds if "organism r1" in s["models"]
+    ]
+    if promoted_r1:
         criteria.append(
             (
                 "the gate promotes the improving round 1",
-                f"{promoted} of {len(verdicts['organism r1'])}",
-                promoted == len(verdicts["organism r1"]),
+                f"{sum(promoted_r1)} of {len(promoted_r1)}",
+                all(promoted_r1),
             )
         )
-    if verdicts["control r"]:
-        refused = len(verdicts["control r"]) - sum(verdicts["control r"])
-        criteria.append(
-            (
-                "the gate refuses every control round",
-                f"{refused} of {len(verdicts['control r'])}",
-                refused == len(verdicts["control r"]),
+    # (round, passed) of every control round. A control round 1 starts from the served base, as the real
+    # round 1 does; a later one starts from a control round the gate refused, which no service would serve.
+    control_verdicts = [
+        (_control_round(n), m["gate"]["passed"])
+        for s in seeds
+        for n, m in s["models"].items()
+        if _control_round(n)
+    ]
+    if control_verdicts:
+        first = [not passed for t, passed in control_verdicts if t == 1]
+        later = [not passed for t, passed in control_verdicts if t > 1]
+        measured = f"{sum(first) + sum(later)} of {len(control_verdicts)}"
+        if later:
+            measured += (
+                f" (rounds 1, from the served base: {sum(first)} of {len(first)}; "
+                f"later rounds, from a refused control: {sum(later)} of {len(later)})"
             )
-        )
+        criteria.append(("the gate refuses every control round", measured, all(first + later)))
     return criteria
 
 
