@@ -488,7 +488,8 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
             )
         )
     # (round, passed) of every control round. A control round 1 starts from the served base, as the real
-    # round 1 does; a later one starts from a control round the gate refused, which no service would serve.
+    # round 1 does; a later one starts from the previous control round, which a service serves only where
+    # the gate passed it (so far it never has).
     control_verdicts = [
         (_control_round(n), m["gate"]["passed"])
         for s in seeds
@@ -502,7 +503,7 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
         if later:
             measured += (
                 f" (rounds 1, from the served base: {sum(first)} of {len(first)}; "
-                f"later rounds, from a refused control: {sum(later)} of {len(later)})"
+                f"later rounds, from a control parent: {sum(later)} of {len(later)})"
             )
         criteria.append(("the gate refuses every control round", measured, all(first + later)))
     return criteria

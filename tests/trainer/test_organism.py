@@ -260,14 +260,14 @@ def test_the_bench_report_judges_the_issue_criteria_both_ways() -> None:
     assert bad["PLCC after round 2 at least 15% above the base"]  # 0.2 -> 0.25 is +25%
     gate = "the gate refuses every control round"
     assert {n: (m, met) for n, m, met in good}[gate] == (
-        "4 of 4 (rounds 1, from the served base: 2 of 2; later rounds, from a refused control: 2 of 2)",
+        "4 of 4 (rounds 1, from the served base: 2 of 2; later rounds, from a control parent: 2 of 2)",
         True,
     )
     slipped = seed(0.12, 0.01)
     slipped["models"]["control r2"]["gate"]["passed"] = True
     judged = {n: (m, met) for n, m, met in issue_criteria({"seeds": {"0": slipped}}, 2)}
     assert judged[gate] == (
-        "1 of 2 (rounds 1, from the served base: 1 of 1; later rounds, from a refused control: 0 of 1)",
+        "1 of 2 (rounds 1, from the served base: 1 of 1; later rounds, from a control parent: 0 of 1)",
         False,
     )
 
