@@ -489,12 +489,9 @@ def issue_criteria(results: dict[str, Any], rounds: int) -> list[tuple[str, str,
         )
     # (round, passed) of every control round. A control round 1 starts from the served base, as the real
     # round 1 does; a later one starts from the previous control round, which a service serves only where
-    # the gate passed it (so far it never has).
+    # the gate passed it.
     control_verdicts = [
-        (_control_round(n), m["gate"]["passed"])
-        for s in seeds
-        for n, m in s["models"].items()
-        if _control_round(n)
+        (t, m["gate"]["passed"]) for s in seeds for n, m in s["models"].items() if (t := _control_round(n))
     ]
     if control_verdicts:
         first = [not passed for t, passed in control_verdicts if t == 1]
