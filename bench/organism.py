@@ -38,6 +38,7 @@ from trainer.config import RoundConfig, TrainSettings  # noqa: E402
 from trainer.round import run_round  # noqa: E402
 from trainer.voting import VotingResult, vote_pairs  # noqa: E402
 
+VOTER = "voter ranking"  # the base compare prompt's implied order, beside the models in the bootstrap
 CONTROL_MODEL = re.compile(r"^control(?: #(\d+))? r(\d+)$")  # "control r2" (#1), "control #2 r1", ...
 
 
@@ -102,6 +103,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="the paper's round-2 option (paper: 10): adds an arm whose rounds 2.. add this many "
         "synthetic variants per pool image and same-reference pairs; its round 1 is the plain arm's",
+    )
+    parser.add_argument(
+        "--voter-partners",
+        type=int,
+        default=8,
+        help="random partners per held-out image for the base voter's ranking, the order its votes can "
+        "teach (each image then sits in about twice as many pairs); 0 = skip it",
     )
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument(
@@ -189,14 +197,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     from trainer.cli import quiet_libraries
     from trainer.gate import GateThresholds, gate_inputs, judge
+    from trainer.metrics import correlations
     from trainer.organism.build import Recipe, ensure_organism
     from trainer.organism.data import heldout_split, pool_split, reserved_split
     from trainer.organism.measure import (
         bootstrap,
         evaluate_split,
         load_reader,
+        partner_pairs,
         pseudo_label_accuracy,
         true_pairs,
+        voter_ranking,
     )
 
     quiet_libraries()
@@ -239,6 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         seed_started = time.perf_counter()
         models: dict[str, dict[str, Any]] = {"base": {"path": str(base), **evaluate(base)}}
         print(f"[seed {seed}] base: {_line(models['base'])}", flush=True)
+        voter: dict[str, Any] = {}
+        if args.voter_partners:
+            pairs = partner_pairs(len(heldout), args.voter_partners, seed=3)
+            ranking = voter_ranking(load_reader(base), heldout, pairs)
+            voter = {"partners": args.voter_partners, "scores": ranking}
+            voter.update(correlations(ranking, [s.mos for s in heldout]))
+            print(f"[seed {seed}] the base voter's ranking: SRCC {voter['srcc']:.3f}", flush=True)
         first_votes = ReplayVoter()  # every round 1 votes with the base: one vote serves them all
         for arm in arms(args):
             parent = base
@@ -278,7 +296,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[seed {seed}] {name}: {_line(models[name])}", flush=True)
                 parent = result.path
         names = list(models)
-        intervals = bootstrap(heldout, {n: models[n]["scores"] for n in names}, "base", args.bootstrap, seed)
+        ranked = {n: models[n]["scores"] for n in names} | ({VOTER: voter["scores"]} if voter else {})
+        intervals = bootstrap(heldout, ranked, "base", args.bootstrap, seed)
+        if voter:
+            voter["ci"] = intervals[VOTER]
         reserved_intervals = bootstrap(
             reserved, {n: models[n]["reserved_scores"] for n in names}, "base", args.bootstrap, seed
         )
@@ -290,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
             "environment": built.get("environment"),
             "rounds_and_evaluations_s": time.perf_counter() - seed_started,
             "models": models,
+            **({"voter": voter} if voter else {}),
         }
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
 
@@ -565,6 +587,7 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             f"{m['heldout']['slopes']['sd']:.3f}"
             for name, m in record["models"].items()
         ]
+        lines += _voter_lines(record, args.rounds)
         lines += ["", "Gate's paired agreement gain on the held-out pool pairs (gain / standard error):"]
         lines += [f"- {name}: {_gate_statistics(m['gate_metrics'])}" for name, m in rounds.items()]
         lines += [
@@ -621,6 +644,7 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             for t in sorted({r for r, _ in verdicts})
         ]
         lines += ["", f"Gate passed, {arm}: " + ", ".join(per_round)]
+    lines += _voter_summary(results, args.rounds)
     lines += ["", "## The issue's criteria", "", "| criterion | measured | met |", "|---|---|---|"]
     lines += [
         f"| {name} | {measured} | {'yes' if met else 'NO'} |"
@@ -632,8 +656,8 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
 
 
 def plot(out: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
-    """organism.png: held-out SRCC by round (organism vs control, each seed and the mean), and the
-    pseudo-label and single-vote accuracy by round."""
+    """organism.png: held-out SRCC by round (organism vs control, each seed and the mean; the base voter's
+    ranking as a dashed line), and the pseudo-label and single-vote accuracy by round."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -661,6 +685,9 @@ def plot(out: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
         for series in per_seed:
             left.plot(rounds, series, color=colour, alpha=0.3, linewidth=1)
         left.plot(rounds, np.mean(per_seed, 0), color=colour, linewidth=2.5, marker="o", label=label)
+    voters = [s["voter"]["srcc"] for s in results["seeds"].values() if "voter" in s]
+    if voters:
+        left.axhline(np.mean(voters), color="tab:green", linestyle="--", label="base voter's ranking (mean)")
     left.set_xticks(rounds, ["base"] + [f"round {t}" for t in rounds[1:]])
     left.set_ylabel("held-out SRCC (expected score)")
     left.set_title("Agreement with true quality")
@@ -682,6 +709,50 @@ def plot(out: Path, results: dict[str, Any], args: argparse.Namespace) -> None:
     right.legend()
     fig.tight_layout()
     fig.savefig(out / "organism.png", dpi=110)
+
+
+def _voter_gains(record: dict[str, Any], rounds: int) -> tuple[float, list[float]]:
+    """How far the base voter's ranking is above the base's scores, and each round's SRCC gain."""
+    base = record["models"]["base"]["heldout"]["srcc"]
+    gains = [
+        record["models"][f"organism r{t}"]["heldout"]["srcc"] - base
+        for t in range(1, rounds + 1)
+        if f"organism r{t}" in record["models"]
+    ]
+    return record["voter"]["srcc"] - base, gains
+
+
+def _voter_lines(record: dict[str, Any], rounds: int) -> list[str]:
+    """The base voter's ranking against the base's scores, and how much of that gap each round took."""
+    if "voter" not in record:
+        return []
+    voter, ci = record["voter"], record["voter"]["ci"]
+    gap, gains = _voter_gains(record, rounds)
+    taken = ", ".join(f"round {t} {g:+.3f}" for t, g in enumerate(gains, 1))
+    return [
+        "",
+        f"The base voter's ranking (each held-out image's mean single-vote win probability against "
+        f"{voter['partners']} random partners and the images that drew it: the order its votes can teach): "
+        f"SRCC {voter['srcc']:.3f} [{ci['srcc_lo']:.3f}, {ci['srcc_hi']:.3f}], PLCC {voter['plcc']:.3f}; "
+        f"{gap:+.3f} [{ci['dsrcc_lo']:+.3f}, {ci['dsrcc_hi']:+.3f}] against the base's scores. Gained: "
+        f"{taken}.",
+    ]
+
+
+def _voter_summary(results: dict[str, Any], rounds: int) -> list[str]:
+    """Over seeds: the room the votes leave above the base, beside what the rounds took of it."""
+    records = [r for r in results["seeds"].values() if "voter" in r]
+    if not records:
+        return []
+    gaps, gains = zip(*(_voter_gains(r, rounds) for r in records), strict=True)
+    last = [g[-1] for g in gains if g]
+    line = (
+        f"The base voter's ranking over seeds: SRCC {_mean_sd([r['voter']['srcc'] for r in records])}, "
+        f"{_mean_per_seed(list(gaps), '+.3f')} above the base's scores"
+    )
+    if last:
+        line += f"; the last round gained {_mean_per_seed(last, '+.3f')}"
+    return ["", line + "."]
 
 
 def summary_line(results: dict[str, Any], args: argparse.Namespace) -> str:

@@ -31,7 +31,13 @@ from trainer.organism.data import (
     reserved_split,
     warmup_split,
 )
-from trainer.organism.measure import load_reader, pseudo_label_accuracy, score_slopes
+from trainer.organism.measure import (
+    load_reader,
+    partner_pairs,
+    pseudo_label_accuracy,
+    score_slopes,
+    voter_ranking,
+)
 from trainer.round import run_round
 
 MINI = Recipe(warmup_sources=48, images_per_source=6, head_steps=100, steps=60)
@@ -152,6 +158,24 @@ def test_the_reader_is_deterministic_and_its_comparisons_are_order_symmetric(min
     forward = reader.first_better(pairs)
     backward = reader.first_better([(b, a) for a, b in pairs])
     assert np.allclose(np.array(forward) + np.array(backward), 1.0, atol=1e-5)
+
+
+def test_the_voter_ranking_reads_every_image_against_distinct_partners(mini_organism: Path) -> None:
+    """Each image meets `partners` distinct others (never itself); its ranking value is its mean win
+    probability over every pair it sits in, on either side, so each pair hands out exactly one win."""
+    pairs = partner_pairs(40, 3, seed=0)
+    assert pairs == partner_pairs(40, 3, seed=0) and len(pairs) == 120
+    for a in range(40):
+        partners = [b for first, b in pairs if first == a]
+        assert len(set(partners)) == 3 and a not in partners
+    samples = heldout_split(0)[:40]
+    reader = load_reader(mini_organism)
+    ranking = np.array(voter_ranking(reader, samples, pairs))
+    counts = np.bincount(np.array(pairs).ravel(), minlength=40)
+    assert np.isclose((ranking * counts).sum(), len(pairs), atol=1e-4)  # every pair hands out one win
+    swapped = np.array(voter_ranking(reader, samples, [(b, a) for a, b in pairs]))
+    assert np.allclose(ranking, swapped, atol=1e-5)  # the loser of a pair is credited 1 - p, either way round
+    assert ranking.std() > 1e-4  # not a constant 0.5, which would pass the checks above trivially
 
 
 @pytest.mark.slow
@@ -377,3 +401,30 @@ def test_the_bench_judges_the_control_on_the_mean_of_its_replicates() -> None:
     assert alone[name] is False
     args = parse_args(["--out", "unused", "--rounds", "1", "--controls", "3"])
     assert summary_line(cancels, args) == "organism: SRCC base 0.300 -> round 1 0.400; control 0.303"
+
+
+def test_the_bench_report_sets_the_rounds_against_the_base_voters_ranking() -> None:
+    """The voter rows say how far the base voter's ranking is above the base's scores and what each
+    round gained, per seed and over seeds."""
+    from bench.organism import _voter_lines, _voter_summary
+
+    def seed(base: float, voter: float, r1: float, r2: float) -> dict:
+        models = {
+            name: {"heldout": {"srcc": srcc}}
+            for name, srcc in (("base", base), ("organism r1", r1), ("organism r2", r2))
+        }
+        ci = {"srcc_lo": voter - 0.05, "srcc_hi": voter + 0.05, "dsrcc_lo": 0.02, "dsrcc_hi": 0.12}
+        return {"models": models, "voter": {"srcc": voter, "plcc": 0.41, "partners": 8, "ci": ci}}
+
+    nine = seed(0.30, 0.40, 0.36, 0.38)
+    assert _voter_lines(nine, 2)[1].endswith(
+        "SRCC 0.400 [0.350, 0.450], PLCC 0.410; +0.100 [+0.020, +0.120] against the base's scores. "
+        "Gained: round 1 +0.060, round 2 +0.080."
+    )
+    summary = _voter_summary({"seeds": {"9": nine, "10": seed(0.25, 0.45, 0.27, 0.24)}}, 2)
+    assert summary[1] == (
+        "The base voter's ranking over seeds: SRCC 0.425 ± 0.035, +0.150 (per seed +0.100, +0.200) above "
+        "the base's scores; the last round gained +0.035 (per seed +0.080, -0.010)."
+    )
+    assert _voter_lines({"models": nine["models"]}, 2) == []
+    assert _voter_summary({"seeds": {"9": {"models": nine["models"]}}}, 2) == []

@@ -39,6 +39,32 @@ def true_pairs(samples: Sequence[Sample], count: int, seed: int) -> list[tuple[i
     return pairs
 
 
+def partner_pairs(count: int, partners: int, seed: int) -> list[tuple[int, int]]:
+    """Every image of `count` paired with `partners` distinct random others (fixed for a seed)."""
+    rng = np.random.default_rng(seed)
+    pairs: list[tuple[int, int]] = []
+    for a in range(count):
+        others = rng.choice(count - 1, partners, replace=False)
+        pairs += [(a, int(b) + (b >= a)) for b in others]  # skip a itself
+    return pairs
+
+
+def voter_ranking(
+    reader: OpinionReader, samples: Sequence[Sample], pairs: Sequence[tuple[int, int]]
+) -> list[float]:
+    """Each image's mean single-vote win probability over the `pairs` it is in: the order the compare
+    prompt's votes imply. Rounds teach the score prompt from those votes, so while the voter stays as it
+    is, this ranking's agreement with true quality is about as far as label-free rounds can take it."""
+    first = reader.first_better([(samples[a].image, samples[b].image) for a, b in pairs])
+    wins, counts = np.zeros(len(samples)), np.zeros(len(samples))
+    for (a, b), p in zip(pairs, first, strict=True):
+        wins[a] += p
+        wins[b] += 1.0 - p
+        counts[a] += 1
+        counts[b] += 1
+    return (wins / np.maximum(counts, 1)).tolist()
+
+
 @dataclass
 class LabelledEvaluation:
     """A model's deterministic scores on a labelled split, and what they agree with."""
