@@ -250,13 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         seed_started = time.perf_counter()
         models: dict[str, dict[str, Any]] = {"base": {"path": str(base), **evaluate(base)}}
         print(f"[seed {seed}] base: {_line(models['base'])}", flush=True)
-        voter: dict[str, Any] = {}
+        ranked_by_voter: dict[str, Any] = {}
         if args.voter_partners:
             pairs = partner_pairs(len(heldout), args.voter_partners, seed=3)
             ranking = voter_ranking(load_reader(base), heldout, pairs)
-            voter = {"partners": args.voter_partners, "scores": ranking}
-            voter.update(correlations(ranking, [s.mos for s in heldout]))
-            print(f"[seed {seed}] the base voter's ranking: SRCC {voter['srcc']:.3f}", flush=True)
+            ranked_by_voter = {"partners": args.voter_partners, "scores": ranking}
+            ranked_by_voter.update(correlations(ranking, [s.mos for s in heldout]))
+            print(f"[seed {seed}] the base voter's ranking: SRCC {ranked_by_voter['srcc']:.3f}", flush=True)
         first_votes = ReplayVoter()  # every round 1 votes with the base: one vote serves them all
         for arm in arms(args):
             parent = base
@@ -296,10 +296,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[seed {seed}] {name}: {_line(models[name])}", flush=True)
                 parent = result.path
         names = list(models)
-        ranked = {n: models[n]["scores"] for n in names} | ({VOTER: voter["scores"]} if voter else {})
+        ranked = {n: models[n]["scores"] for n in names}
+        if ranked_by_voter:
+            ranked[VOTER] = ranked_by_voter["scores"]
         intervals = bootstrap(heldout, ranked, "base", args.bootstrap, seed)
-        if voter:
-            voter["ci"] = intervals[VOTER]
+        if ranked_by_voter:
+            ranked_by_voter["ci"] = intervals[VOTER]
         reserved_intervals = bootstrap(
             reserved, {n: models[n]["reserved_scores"] for n in names}, "base", args.bootstrap, seed
         )
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
             "environment": built.get("environment"),
             "rounds_and_evaluations_s": time.perf_counter() - seed_started,
             "models": models,
-            **({"voter": voter} if voter else {}),
+            **({"voter": ranked_by_voter} if ranked_by_voter else {}),
         }
         (out / "results.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
 
