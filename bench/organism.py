@@ -311,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         results["seeds"][str(seed)] = {
             "build_s": build_s,
             "environment": built.get("environment"),
+            "recipe": built.get("recipe"),
             "rounds_and_evaluations_s": time.perf_counter() - seed_started,
             "models": models,
             **({"voter": ranked_by_voter} if ranked_by_voter else {}),
@@ -582,6 +583,8 @@ def write_report(out: Path, results: dict[str, Any], args: argparse.Namespace) -
             )
         if record.get("environment"):  # bases built elsewhere differ (see build_environment)
             lines += ["", f"Base built on: {json.dumps(record['environment'])}"]
+        if record.get("recipe"):  # which warm-up made the base (trainer/organism/build.py's Recipe)
+            lines += ["", f"Base recipe: {json.dumps(record['recipe'])}"]
         rounds = {name: m for name, m in record["models"].items() if "gate_metrics" in m}
         per_kind = record["models"]["base"]["heldout"]["by_kind"]
         slopes = [

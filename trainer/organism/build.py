@@ -61,7 +61,7 @@ class Recipe:
     head_steps: int = 1500  # stage A
     head_lr: float = 3e-3
     head_batch: int = 16
-    steps: int = 400  # stage B
+    steps: int = 800  # stage B (400 gave a weaker voter: bench/results/organism-2026-12-05-stronger-voter.md)
     score_batch: int = 8
     compare_batch: int = 16
     vision_frozen_steps: int = 150
