@@ -61,7 +61,9 @@ class Recipe:
     head_steps: int = 1500  # stage A
     head_lr: float = 3e-3
     head_batch: int = 16
-    steps: int = 800  # stage B (400 gave a weaker voter: bench/results/organism-2026-12-05-stronger-voter.md)
+    # Stage B. 800 steps strengthened the voter on seeds 4 and 10 but not on fresh seeds 14-16
+    # (bench/results/organism-2026-12-05-stronger-voter.md), so it stays at 400.
+    steps: int = 400
     score_batch: int = 8
     compare_batch: int = 16
     vision_frozen_steps: int = 150
