@@ -1,0 +1,63 @@
+"""Probe an organism recipe before spending rounds on it: build one base and print how much room its
+votes leave.
+
+Rounds teach the score prompt the order the compare prompt votes, so a recipe is worth a bench run only
+if its voter's ranking lies well above its scores (bench/results/organism-2026-12-05-voter-ranking.md).
+Per build this prints and appends to `DIR/probes.jsonl`: held-out score SRCC/PLCC, vote accuracy on the
+bench's 300 held-out pairs, the voter's ranking over 8 partners, and the room between them (about 5
+minutes a base on 2 cores). Example:
+
+    .venv/bin/python bench/organism_recipe.py --out runs/probes --seed 16 head_steps=3000 score_content_bias=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from trainer.metrics import correlations
+from trainer.organism.build import Recipe, ensure_organism
+from trainer.organism.data import heldout_split
+from trainer.organism.measure import evaluate_split, load_reader, partner_pairs, true_pairs, voter_ranking
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="Recipe fields as NAME=VALUE")
+    args = parser.parse_args(argv)
+    default = Recipe(seed=args.seed)
+    overrides = {}
+    for item in args.overrides:
+        name, _, value = item.partition("=")
+        if not hasattr(default, name):
+            parser.error(f"Recipe has no field {name!r}")
+        overrides[name] = type(getattr(default, name))(value)
+    label = "-".join(f"{k}{v}" for k, v in overrides.items()) or "default"
+    base = args.out / f"{label}-s{args.seed}"
+    record = ensure_organism(base, replace(default, **overrides))
+    heldout = heldout_split(20)
+    reader = load_reader(base)
+    evaluation = evaluate_split(reader, heldout, true_pairs(heldout, 300, seed=1))
+    ranking = voter_ranking(reader, heldout, partner_pairs(len(heldout), 8, seed=3))
+    voter = correlations(ranking, [s.mos for s in heldout])
+    row = {
+        "seed": args.seed,
+        "overrides": overrides,
+        "build_s": round(record["timings"]["total_s"]),
+        "srcc": round(evaluation.correlations["srcc"], 3),
+        "plcc": round(evaluation.correlations["plcc"], 3),
+        "vote_accuracy": round(evaluation.vote_accuracy, 3),
+        "voter_srcc": round(voter["srcc"], 3),
+        "room": round(voter["srcc"] - evaluation.correlations["srcc"], 3),
+    }
+    with (args.out / "probes.jsonl").open("a") as log:
+        log.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
