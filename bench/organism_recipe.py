@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.metrics import correlations
-from trainer.organism.build import Recipe, ensure_organism
-from trainer.organism.data import heldout_split
-from trainer.organism.measure import evaluate_split, load_reader, partner_pairs, true_pairs, voter_ranking
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.organism import parse_args as bench_args  # noqa: E402
+from trainer.metrics import correlations  # noqa: E402
+from trainer.organism.build import Recipe, ensure_organism  # noqa: E402
+from trainer.organism.data import heldout_split  # noqa: E402
+from trainer.organism.measure import (  # noqa: E402
+    evaluate_split,
+    load_reader,
+    partner_pairs,
+    true_pairs,
+    voter_ranking,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,10 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     label = "-".join(f"{k}{v}" for k, v in overrides.items()) or "default"
     base = args.out / f"{label}-s{args.seed}"
     record = ensure_organism(base, replace(default, **overrides))
-    heldout = heldout_split(20)
+    bench = bench_args(["--out", str(args.out)])  # the held-out split and pairs the bench measures on
+    heldout = heldout_split(bench.heldout_scenes)
     reader = load_reader(base)
-    evaluation = evaluate_split(reader, heldout, true_pairs(heldout, 300, seed=1))
-    ranking = voter_ranking(reader, heldout, partner_pairs(len(heldout), 8, seed=3))
+    evaluation = evaluate_split(reader, heldout, true_pairs(heldout, bench.vote_pairs, seed=1))
+    ranking = voter_ranking(reader, heldout, partner_pairs(len(heldout), bench.voter_partners, seed=3))
     voter = correlations(ranking, [s.mos for s in heldout])
     row = {
         "seed": args.seed,
