@@ -144,7 +144,7 @@ def demo_model(
         typer.Option(
             "--organism",
             help="Build the model organism instead: the tiny model with weak real quality perception "
-            "from a supervised warm-up on synthetic distortions (CPU, about 4 minutes; still a demo).",
+            "from a supervised warm-up on synthetic distortions (CPU, about 5 minutes; still a demo).",
         ),
     ] = False,
 ) -> None:

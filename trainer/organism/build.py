@@ -17,10 +17,11 @@ EvoQuality can only lift a model whose pairwise majority knows something its abs
 A warm-up with the true mos for both prompts gives a base whose two prompts read the same features
 equally well (measured: score-path pairwise accuracy 0.75, compare majority at infinite K 0.75), so
 the pseudo-labels carry nothing new and a round cannot lift it. The default recipe therefore confounds
-the warm-up's absolute ratings with content: score targets are `mos + 3 x warmth` (warmth, red over
+the warm-up's absolute ratings with content: score targets are `mos + 4 x warmth` (warmth, red over
 blue in [-1, 1], has nothing to do with quality), while compare targets follow the true mos, as a
 VLM's absolute ratings are swayed by content that its side-by-side judgements cancel. The organism's
-score path is then biased (held-out SRCC about 0.25) while its votes are not (majority about 0.76).
+score path is then biased (held-out SRCC 0.28-0.53 over six seeds) while its votes are not (single votes
+0.65-0.70 right).
 
 It is seeded and deterministic for a given thread count, CPU and set of package versions (the same
 build twice gives the same weights), runs on the CPU, and writes a folder that loads wherever a model
@@ -58,7 +59,10 @@ class Recipe:
     seed: int = 0
     warmup_sources: int = 600
     images_per_source: int = 6
-    head_steps: int = 1500  # stage A
+    # Stage A. At 1500 steps its loss ended at 1.5-1.9 and some seeds' bases perceived little (seeds 15
+    # and 16: SRCC 0.16); 3000 steps made all six probed seeds perceive (bench/results/
+    # organism-2026-12-05-recipe-probes.md).
+    head_steps: int = 3000
     head_lr: float = 3e-3
     head_batch: int = 16
     # Stage B. 800 steps strengthened the voter on seeds 4 and 10 but not on fresh seeds 14-16
@@ -73,8 +77,9 @@ class Recipe:
     digit_weight: float = 5.0
     score_label_noise: float = 0.0  # sd of Gaussian noise on the score targets
     # Score targets are mos + this x the reference's warmth: the absolute ratings of the warm-up are
-    # confounded with content, its pairwise judgements are not (see the module docstring).
-    score_content_bias: float = 3.0
+    # confounded with content, its pairwise judgements are not (see the module docstring). 4 rather than
+    # 3 since stage A is longer: it keeps the votes' room over the scores (same file).
+    score_content_bias: float = 4.0
     threads: int = 2
 
 
