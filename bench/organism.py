@@ -54,6 +54,11 @@ class ReplayVoter:
         return self.result
 
 
+# The held-out vote pairs and the voter's partners; bench/organism_recipe.py measures on the same ones.
+HELDOUT_PAIRS_SEED = 1
+VOTER_PARTNERS_SEED = 3
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     heldout = heldout_split(args.heldout_scenes)
     reserved = reserved_split()
-    heldout_pairs = true_pairs(heldout, args.vote_pairs, seed=1)
+    heldout_pairs = true_pairs(heldout, args.vote_pairs, seed=HELDOUT_PAIRS_SEED)
     reserved_pairs = true_pairs(reserved, args.vote_pairs, seed=2)
     print(f"held-out: {len(heldout)} images; reserved photos: {len(reserved)} images", flush=True)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "seeds": {}}
@@ -252,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[seed {seed}] base: {_line(models['base'])}", flush=True)
         ranked_by_voter: dict[str, Any] = {}
         if args.voter_partners:
-            pairs = partner_pairs(len(heldout), args.voter_partners, seed=3)
+            pairs = partner_pairs(len(heldout), args.voter_partners, seed=VOTER_PARTNERS_SEED)
             ranking = voter_ranking(load_reader(base), heldout, pairs)
             ranked_by_voter = {"partners": args.voter_partners, "scores": ranking}
             ranked_by_voter.update(correlations(ranking, [s.mos for s in heldout]))

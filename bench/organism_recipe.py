@@ -21,6 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.organism import HELDOUT_PAIRS_SEED, VOTER_PARTNERS_SEED  # noqa: E402
 from bench.organism import parse_args as bench_args  # noqa: E402
 from trainer.metrics import correlations  # noqa: E402
 from trainer.organism.build import Recipe, ensure_organism  # noqa: E402
@@ -53,8 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     bench = bench_args(["--out", str(args.out)])  # the held-out split and pairs the bench measures on
     heldout = heldout_split(bench.heldout_scenes)
     reader = load_reader(base)
-    evaluation = evaluate_split(reader, heldout, true_pairs(heldout, bench.vote_pairs, seed=1))
-    ranking = voter_ranking(reader, heldout, partner_pairs(len(heldout), bench.voter_partners, seed=3))
+    evaluation = evaluate_split(
+        reader, heldout, true_pairs(heldout, bench.vote_pairs, seed=HELDOUT_PAIRS_SEED)
+    )
+    ranking = voter_ranking(
+        reader, heldout, partner_pairs(len(heldout), bench.voter_partners, seed=VOTER_PARTNERS_SEED)
+    )
     voter = correlations(ranking, [s.mos for s in heldout])
     row = {
         "seed": args.seed,
