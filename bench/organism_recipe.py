@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         "vote_accuracy": round(evaluation.vote_accuracy, 3),
         "voter_srcc": round(voter["srcc"], 3),
         "room": round(voter["srcc"] - evaluation.correlations["srcc"], 3),
+        # How much the score path follows true quality and the warm-up's content confound.
+        "slope_mos": round(evaluation.slopes["mos"], 3),
+        "slope_content": round(evaluation.slopes["content"], 3),
     }
     with (args.out / "probes.jsonl").open("a") as log:
         log.write(json.dumps(row) + "\n")

@@ -18,9 +18,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from iqa.demo_model import build_demo_model
+from iqa.engines.hf_loading import load_processor
 from trainer.config import RoundConfig, TrainSettings
 from trainer.distortions import DISTORTIONS, LEVELS, distort
-from trainer.organism.build import ORGANISM_NAME, RECIPE_FILE, Recipe, build_organism, ensure_organism
+from trainer.organism.build import (
+    ORGANISM_NAME,
+    RECIPE_FILE,
+    Recipe,
+    _encode,
+    build_organism,
+    ensure_organism,
+)
 from trainer.organism.data import (
     RESERVED_PHOTOS,
     SPLIT_PHOTOS,
@@ -143,6 +152,19 @@ def test_the_builder_is_deterministic_and_writes_a_demo_folder(tmp_path: Path) -
     assert weights.stat().st_mtime_ns == built_at
     assert ensure_organism(first, replace(tiny, steps=2), log=lambda line: None)["recipe"]["steps"] == 2
     assert weights.stat().st_mtime_ns != built_at
+
+
+def test_stage_a_regresses_the_warmth_the_score_targets_are_confounded_with(tmp_path: Path) -> None:
+    """The score path can learn the confound reliably only if the vision side is made to carry it."""
+    samples = warmup_split(6, 2, seed=0)
+    processor = load_processor(str(build_demo_model(tmp_path / "demo", seed=0, vision_window=224)))
+    plain, warm = _encode(samples, processor), _encode(samples, processor, warmth=True)
+    assert plain.stats.shape == (12, 5) and warm.stats.shape == (12, 6)
+    assert torch.allclose(warm.stats[:, :5], plain.stats)
+    warmth = np.array([s.warmth for s in samples])
+    assert warmth.std() > 0.05  # the references differ in warmth, so the check below means something
+    assert np.corrcoef(warm.stats[:, 5].numpy(), warmth)[0, 1] > 0.999
+    assert Recipe().head_warmth
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,12 @@ class Recipe:
     head_steps: int = 3000
     head_lr: float = 3e-3
     head_batch: int = 16
+    # Stage A also regresses the reference's warmth, so the vision side reliably carries the content the
+    # score targets are confounded with. Without it, how well the score path learned the confound (and so
+    # the votes' room over the scores) was left to the seed: room +0.015 to +0.30. With it, the three
+    # seeds with the least room went from +0.015, +0.026, +0.090 to +0.283, +0.218, +0.251
+    # (bench/results/organism-2026-12-06-warmth-probes.md).
+    head_warmth: bool = True
     # Stage B. 800 steps strengthened the voter on seeds 4 and 10 but not on fresh seeds 14-16
     # (bench/results/organism-2026-12-05-stronger-voter.md), so it stays at 400.
     steps: int = 400
@@ -104,16 +110,16 @@ class _Encoded:
     pixels: torch.Tensor  # (N, patches, patch_dim), float16 to halve memory
     grid: torch.Tensor  # (1, 3), the same for every image (all are 224 x 224)
     mos: torch.Tensor  # (N,)
-    stats: torch.Tensor  # (N, 5), standardised
+    stats: torch.Tensor  # (N, 5), or (N, 6) with the warmth; standardised
 
 
-def _encode(samples: Sequence[Sample], processor: Any) -> _Encoded:
+def _encode(samples: Sequence[Sample], processor: Any, warmth: bool = False) -> _Encoded:
     pixels, grid = [], None
     for sample in samples:
         out = processor.image_processor(images=[sample.image], return_tensors="pt")
         pixels.append(out["pixel_values"].to(torch.float16))
         grid = out["image_grid_thw"]
-    stats = torch.tensor([_statistics(s.image) for s in samples])
+    stats = torch.tensor([_statistics(s.image) + ([s.warmth] if warmth else []) for s in samples])
     stats = (stats - stats.mean(0)) / (stats.std(0) + 1e-6)
     return _Encoded(torch.stack(pixels), grid, torch.tensor([s.mos for s in samples]), stats)
 
@@ -321,7 +327,7 @@ def build_organism(out_dir: str | Path, recipe: Recipe | None = None, log: Log =
     torch.manual_seed(recipe.seed)
 
     samples = warmup_split(recipe.warmup_sources, recipe.images_per_source, recipe.seed)
-    data = _encode(samples, processor)
+    data = _encode(samples, processor, recipe.head_warmth)
     timings = {"data_s": time.perf_counter() - started}
     log(f"warm-up split: {len(samples)} images, {recipe.warmup_sources} sources ({timings['data_s']:.0f} s)")
     mark = time.perf_counter()
