@@ -7,7 +7,8 @@ on the `warmup` split only, the stand-in for a VLM's pretraining. The recipe is 
 probe found (shared/docs/organism-probe.md):
 
 - stage A, a head start for the vision side: the vision tower and merger, with a throwaway linear head
-  on every merged token and on their mean, regress the mos and five image statistics;
+  on every merged token and on their mean, regress the mos, five image statistics and the reference's
+  warmth (the content the score targets are confounded with, so every seed's score path can learn it);
 - stage B, a fine-tune of the whole model on both prompts (the votes of a round come from the compare
   prompt, so it must perceive too): answers `<think> </think>\\n\\boxed{X.XX}` and `\\boxed{0|1}`, the
   loss on the answer tokens only, the deciding digit weighted up.
@@ -20,8 +21,8 @@ the pseudo-labels carry nothing new and a round cannot lift it. The default reci
 the warm-up's absolute ratings with content: score targets are `mos + 4 x warmth` (warmth, red over
 blue in [-1, 1], has nothing to do with quality), while compare targets follow the true mos, as a
 VLM's absolute ratings are swayed by content that its side-by-side judgements cancel. The organism's
-score path is then biased (held-out SRCC 0.28-0.53 over six seeds) while its votes are not (single votes
-0.65-0.70 right).
+score path is then biased (held-out SRCC 0.19-0.27 over eight seeds) while its votes are not (single
+votes 0.64-0.68 right; the votes' own ranking 0.49-0.55).
 
 It is seeded and deterministic for a given thread count, CPU and set of package versions (the same
 build twice gives the same weights), runs on the CPU, and writes a folder that loads wherever a model
