@@ -47,7 +47,13 @@ def main(argv: list[str] | None = None) -> None:
         name, _, value = item.partition("=")
         if not hasattr(default, name):
             parser.error(f"Recipe has no field {name!r}")
-        overrides[name] = type(getattr(default, name))(value)
+        kind = type(getattr(default, name))
+        if kind is bool:  # bool("False") is True: read booleans by their words
+            if value not in ("True", "False"):
+                parser.error(f"{name} takes True or False, not {value!r}")
+            overrides[name] = value == "True"
+        else:
+            overrides[name] = kind(value)
     label = "-".join(f"{k}{v}" for k, v in overrides.items()) or "default"
     base = args.out / f"{label}-s{args.seed}"
     record = ensure_organism(base, replace(default, **overrides))
