@@ -50,9 +50,9 @@ from trainer.organism.measure import (
 from trainer.round import run_round
 
 # A miniature of the recipe for the fast tests, pinned rather than following Recipe's defaults: its confound
-# stays at 3 and stage A leaves out the warmth, as when the short-round test below was sized (with a
-# confound of 4, session 31, or the warmth regressed, session 32, this tiny base's 12-step round did not
-# move its margins on a 2-core AMD EPYC; the full recipe's rounds are measured by the bench).
+# is 3 and stage A leaves out the warmth, as when the short-round test below was sized (with a confound
+# of 4, session 31, or the warmth regressed, session 32, this tiny base's 12-step round did not move its
+# margins on a 2-core AMD EPYC; the full recipe's rounds are measured by the bench).
 MINI = Recipe(
     warmup_sources=48,
     images_per_source=6,

@@ -18,11 +18,11 @@ EvoQuality can only lift a model whose pairwise majority knows something its abs
 A warm-up with the true mos for both prompts gives a base whose two prompts read the same features
 equally well (measured: score-path pairwise accuracy 0.75, compare majority at infinite K 0.75), so
 the pseudo-labels carry nothing new and a round cannot lift it. The default recipe therefore confounds
-the warm-up's absolute ratings with content: score targets are `mos + 4 x warmth` (warmth, red over
+the warm-up's absolute ratings with content: score targets are `mos + 3 x warmth` (warmth, red over
 blue in [-1, 1], has nothing to do with quality), while compare targets follow the true mos, as a
 VLM's absolute ratings are swayed by content that its side-by-side judgements cancel. The organism's
-score path is then biased (held-out SRCC 0.19-0.27 over eight seeds) while its votes are not (single
-votes 0.64-0.68 right; the votes' own ranking 0.49-0.55).
+score path is then biased (held-out SRCC 0.24-0.39 over eight seeds) while its votes are not (single
+votes 0.63-0.73 right; the votes' own ranking 0.44-0.57).
 
 It is seeded and deterministic for a given thread count, CPU and set of package versions (the same
 build twice gives the same weights), runs on the CPU, and writes a folder that loads wherever a model
